@@ -1,0 +1,459 @@
+//! Local-directory hosts: the native server's default storage.
+//!
+//! Only `std::fs` is used, so the same code serves `wasi:filesystem` in a wasm component. Every
+//! write goes to a temporary file, is fsynced, then renamed into place: a reader (or a restart
+//! after a crash) sees a whole object or none.
+//!
+//! On disk, under the data directory:
+//! ```text
+//! <data>/kv/<key>        one file per key: each `/`-separated key segment is a directory, the
+//!                        last segment the file, named <segment>= ; segments are escaped
+//!                        (%XX for anything outside [A-Za-z0-9._-], and a leading '.')
+//! <data>/blobs/...       blob store paths as they are (see crate::layout)
+//! <data>/uploads/...
+//! <data>/tmp/            objects being written; removed at startup when stale
+//! ```
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Frame, SizeHint};
+
+use crate::error::StoreError;
+use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
+
+/// Size of the buffers a blob is read in.
+const READ_CHUNK: usize = 256 * 1024;
+
+fn nonce() -> String {
+    let mut b = [0u8; 8];
+    // Without randomness, fall back on the clock: names only need to be unique per writer.
+    if getrandom::fill(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        b = (t as u64).to_le_bytes();
+    }
+    crate::digest::to_hex(&b)
+}
+
+fn sync_write(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key-value store
+
+/// A key-value store on a directory tree, one file per key.
+#[derive(Clone)]
+pub struct FsKv {
+    root: PathBuf,
+    /// Serializes compare-and-swap within this process. A directory shared by several processes
+    /// gets only the default read-then-write guarantee.
+    cas: Arc<Mutex<()>>,
+}
+
+impl FsKv {
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root)?;
+        Ok(FsKv {
+            root,
+            cas: Arc::default(),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        let segments: Vec<&str> = key.split('/').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(StoreError::new(format!("invalid key {key:?}")));
+        }
+        let mut p = self.root.clone();
+        for (i, s) in segments.iter().enumerate() {
+            let mut e = escape(s);
+            if i == segments.len() - 1 {
+                e.push('=');
+            }
+            p.push(e);
+        }
+        Ok(p)
+    }
+
+    /// Collects every key below directory `dir` (whose key prefix is `base`) into `out`.
+    fn walk(&self, dir: &Path, base: &str, out: &mut Vec<String>) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue; // temporary files
+            }
+            if let Some(seg) = name.strip_suffix('=') {
+                if let Some(seg) = unescape(seg) {
+                    out.push(format!("{base}{seg}"));
+                }
+            } else if entry.file_type()?.is_dir()
+                && let Some(seg) = unescape(name)
+            {
+                self.walk(&entry.path(), &format!("{base}{seg}/"), out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Escapes one key segment for use as a file name.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        let plain = b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (b == b'.' && i > 0);
+        if plain {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl FsKv {
+    fn get_now(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match fs::read(self.path(key)?) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_now(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        let dir = path.parent().expect("a key path has a parent");
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".tmp-{}", nonce()));
+        let result = sync_write(&tmp, value).and_then(|()| fs::rename(&tmp, &path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        Ok(result?)
+    }
+}
+
+impl KeyValue for FsKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_now(key)
+    }
+
+    async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.set_now(key, value)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        // Walk the deepest directory that holds every key with this prefix. The cost is the
+        // number of keys below it, whatever the page size.
+        let (dir_prefix, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let mut dir = self.root.clone();
+        let mut base = String::new();
+        if !dir_prefix.is_empty() {
+            for seg in dir_prefix.split('/') {
+                if seg.is_empty() {
+                    return Err(StoreError::new(format!("invalid prefix {prefix:?}")));
+                }
+                dir.push(escape(seg));
+                base.push_str(seg);
+                base.push('/');
+            }
+        }
+        let mut keys = Vec::new();
+        self.walk(&dir, &base, &mut keys)?;
+        keys.retain(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a));
+        keys.sort_unstable();
+        keys.truncate(limit);
+        Ok(keys)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let _guard = self.cas.lock().unwrap_or_else(|p| p.into_inner());
+        if self.get_now(key)?.as_deref() != expected {
+            return Ok(false);
+        }
+        self.set_now(key, new)?;
+        Ok(true)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blob store
+
+/// A blob store on a directory: each object a file.
+#[derive(Clone)]
+pub struct FsBlobs {
+    root: PathBuf,
+}
+
+impl FsBlobs {
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(root.join("tmp"))?;
+        Ok(FsBlobs { root })
+    }
+
+    fn path(&self, path: &str) -> Result<PathBuf, StoreError> {
+        // Paths come from crate::layout, built from validated values; check again anyway, since
+        // this is where a path meets the filesystem.
+        let ok = !path.is_empty()
+            && path.split('/').all(|s| {
+                !s.is_empty()
+                    && !s.starts_with('.')
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            });
+        if !ok {
+            return Err(StoreError::new(format!("invalid blob path {path:?}")));
+        }
+        Ok(self.root.join(path))
+    }
+
+    fn temp(&self) -> PathBuf {
+        self.root.join("tmp").join(nonce())
+    }
+
+    /// Removes temporary files older than `age`: what a crash or a kill left mid-write. Called
+    /// by the native server at startup; returns how many it removed.
+    pub fn clean_temporary(&self, age: Duration) -> io::Result<usize> {
+        let mut removed = 0;
+        let now = SystemTime::now();
+        for entry in fs::read_dir(self.root.join("tmp"))? {
+            let entry = entry?;
+            let modified = entry.metadata()?.modified()?;
+            if now.duration_since(modified).unwrap_or_default() >= age {
+                fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Moves a finished temporary file to `dest`, creating its directory.
+    fn publish(&self, tmp: &Path, dest: &Path) -> io::Result<()> {
+        if let Some(dir) = dest.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::rename(tmp, dest)
+    }
+}
+
+impl BlobStore for FsBlobs {
+    type Reader = FileReader;
+
+    async fn write<S: ByteSource>(
+        &self,
+        path: &str,
+        src: &mut S,
+    ) -> Result<u64, WriteError<S::Error>> {
+        let dest = self.path(path)?;
+        let tmp = self.temp();
+        let mut file = File::create(&tmp).map_err(StoreError::from)?;
+        let result = async {
+            let mut len = 0u64;
+            while let Some(chunk) = src.next_chunk().await {
+                let chunk = chunk.map_err(WriteError::Source)?;
+                file.write_all(&chunk).map_err(StoreError::from)?;
+                len += chunk.len() as u64;
+            }
+            file.sync_all().map_err(StoreError::from)?;
+            self.publish(&tmp, &dest).map_err(StoreError::from)?;
+            Ok(len)
+        }
+        .await;
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    async fn read(
+        &self,
+        path: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<Option<FileReader>, StoreError> {
+        let mut file = match File::open(self.path(path)?) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let len = file.metadata()?.len();
+        let range = range.unwrap_or(0..len);
+        if range.start > 0 {
+            file.seek(SeekFrom::Start(range.start))?;
+        }
+        Ok(Some(FileReader {
+            file,
+            remaining: range.end.saturating_sub(range.start),
+        }))
+    }
+
+    async fn size(&self, path: &str) -> Result<Option<u64>, StoreError> {
+        match fs::metadata(self.path(path)?) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), StoreError> {
+        let p = self.path(path)?;
+        match fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Upload parts live in a directory per upload: drop it once empty.
+        if path.starts_with("uploads/")
+            && let Some(dir) = p.parent()
+        {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    async fn assemble(&self, parts: &[String], dest: &str) -> Result<(), StoreError> {
+        let dest = self.path(dest)?;
+        let paths = parts
+            .iter()
+            .map(|p| self.path(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let [single] = paths.as_slice() {
+            // The common case (a monolithic or single-PATCH upload): a rename, no copy.
+            self.publish(single, &dest)?;
+        } else {
+            let tmp = self.temp();
+            let result = (|| {
+                let mut out = File::create(&tmp)?;
+                for p in &paths {
+                    // io::copy uses copy_file_range on Linux: the kernel moves the bytes.
+                    io::copy(&mut File::open(p)?, &mut out)?;
+                }
+                out.sync_all()?;
+                self.publish(&tmp, &dest)
+            })();
+            if result.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            result?;
+            for p in &paths {
+                let _ = fs::remove_file(p);
+            }
+        }
+        if let Some(dir) = paths.first().and_then(|p| p.parent()) {
+            let _ = fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+}
+
+/// Streams a byte range of a file in 256 KiB reads.
+pub struct FileReader {
+    file: File,
+    remaining: u64,
+}
+
+impl http_body::Body for FileReader {
+    type Data = Bytes;
+    type Error = StoreError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StoreError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let want = self.remaining.min(READ_CHUNK as u64) as usize;
+        let mut buf = BytesMut::zeroed(want);
+        let n = match self.file.read(&mut buf) {
+            Ok(0) => {
+                return Poll::Ready(Some(Err(StoreError::new(
+                    "blob file is shorter than recorded",
+                ))));
+            }
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Some(Err(e.into()))),
+        };
+        buf.truncate(n);
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_round_trips_and_is_safe() {
+        for s in ["latest", "..", ".hidden", "a:b", "sha256", "x=y", "%", "ü"] {
+            let e = escape(s);
+            assert!(!e.starts_with('.'), "{e}");
+            assert!(!e.contains('/') && !e.contains('='), "{e}");
+            assert_eq!(unescape(&e).as_deref(), Some(s));
+        }
+    }
+}

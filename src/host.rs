@@ -1,0 +1,113 @@
+//! The two host interfaces: everything the core needs from the place it runs.
+//!
+//! The core never does I/O itself: it calls these traits, and an adapter supplies
+//! implementations (memory, a local directory, Spin's key-value store, ...). Methods are async
+//! because some hosts are (Spin's key-value store); hosts that are not simply return ready
+//! futures. No `Send` bound is written here: on wasm there are no threads, and natively the
+//! futures of a concrete host are `Send` when its types are.
+
+use std::future::Future;
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use crate::error::StoreError;
+
+/// A key-value store. Keys are `/`-separated strings built by [`crate::layout`]; values are
+/// small (records, links, manifests of at most a few MiB).
+pub trait KeyValue {
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>>;
+
+    fn set(&self, key: &str, value: &[u8]) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// Deletes `key`. Deleting an absent key is not an error.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// Up to `limit` keys that start with `prefix`, in ascending byte order, strictly after
+    /// `after` when it is given (a cursor: the last key of the previous page).
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>>;
+
+    /// Sets `key` to `new` only if its current value is `expected` (`None`: absent), and says
+    /// whether it did. Hosts with an atomic compare-and-swap override this; the default reads
+    /// then writes, which is only as safe as the host's consistency allows.
+    fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> impl Future<Output = Result<bool, StoreError>> {
+        async move {
+            let current = self.get(key).await?;
+            if current.as_deref() != expected {
+                return Ok(false);
+            }
+            self.set(key, new).await?;
+            Ok(true)
+        }
+    }
+}
+
+/// A source of bytes handed to [`BlobStore::write`]: the core wraps a request body in one that
+/// hashes and counts what passes through.
+pub trait ByteSource {
+    /// Why the source stopped early (the client went away, a size limit was crossed...).
+    type Error;
+
+    /// The next chunk, `None` at the end.
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Result<Bytes, Self::Error>>>;
+}
+
+/// Why a [`BlobStore::write`] failed: the source, or the store.
+#[derive(Debug)]
+pub enum WriteError<E> {
+    Source(E),
+    Store(StoreError),
+}
+
+impl<E> From<StoreError> for WriteError<E> {
+    fn from(e: StoreError) -> Self {
+        WriteError::Store(e)
+    }
+}
+
+/// A blob store: whole objects by path, written once, read as streams or ranges.
+pub trait BlobStore {
+    /// A streaming reader over a blob or a range of it. Its `size_hint` is exact.
+    type Reader: http_body::Body<Data = Bytes, Error = StoreError> + Unpin;
+
+    /// Streams `src` into a new object at `path` and returns its length. The object appears
+    /// whole or not at all: if the source or the store fails, nothing is left at `path`.
+    fn write<S: ByteSource>(
+        &self,
+        path: &str,
+        src: &mut S,
+    ) -> impl Future<Output = Result<u64, WriteError<S::Error>>>;
+
+    /// Opens the object at `path`, or the byte range `range` of it (which the caller has
+    /// checked lies within the object). `None` if there is no such object.
+    fn read(
+        &self,
+        path: &str,
+        range: Option<Range<u64>>,
+    ) -> impl Future<Output = Result<Option<Self::Reader>, StoreError>>;
+
+    /// The object's length, or `None` if there is no such object.
+    fn size(&self, path: &str) -> impl Future<Output = Result<Option<u64>, StoreError>>;
+
+    /// Deletes the object. Deleting an absent object is not an error.
+    fn delete(&self, path: &str) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// Makes `dest` the concatenation of `parts`, in order, and removes the parts; with no
+    /// parts, `dest` is empty. Like `write`, `dest` appears whole or not at all. Hosts do this
+    /// without copying where they can (a rename of a single part, a list of chunks).
+    fn assemble(
+        &self,
+        parts: &[String],
+        dest: &str,
+    ) -> impl Future<Output = Result<(), StoreError>>;
+}

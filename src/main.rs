@@ -1,0 +1,129 @@
+//! `dockside`: the native server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dockside::{Config, DirRegistry, FsBlobs};
+
+/// dockside: an OCI Distribution registry (docker, podman, skopeo, crane, oras, containerd push
+/// to it and pull from it).
+///
+/// Run `dockside serve` and push to 127.0.0.1:5000, e.g.
+/// `skopeo copy --dest-tls-verify=false oci:./image docker://127.0.0.1:5000/hello:latest`.
+/// Loopback addresses need no TLS settings in docker or podman; for anything else, put a TLS
+/// proxy in front.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the registry over HTTP, storing in a local directory.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on. Use 0.0.0.0:5000 to accept other machines (behind TLS).
+    #[arg(long, env = "DOCKSIDE_LISTEN", default_value = "127.0.0.1:5000")]
+    listen: SocketAddr,
+
+    /// Directory to store everything in (created if missing).
+    #[arg(long, env = "DOCKSIDE_DATA", default_value = "./dockside-data")]
+    data: PathBuf,
+
+    /// Refuse every DELETE (manifests, tags, blobs) with 405.
+    #[arg(long, env = "DOCKSIDE_NO_DELETE")]
+    no_delete: bool,
+
+    /// Refuse deleting a tag on its own (400 UNSUPPORTED); manifests may still be deleted.
+    #[arg(long, env = "DOCKSIDE_NO_TAG_DELETE")]
+    no_tag_delete: bool,
+
+    /// Largest manifest accepted, in bytes.
+    #[arg(long, env = "DOCKSIDE_MAX_MANIFEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_manifest_bytes: u64,
+
+    /// Largest blob accepted, in bytes.
+    #[arg(long, env = "DOCKSIDE_MAX_BLOB_BYTES", default_value_t = 64 * 1024 * 1024 * 1024)]
+    max_blob_bytes: u64,
+
+    /// Largest body of one upload request (PATCH, closing PUT, single POST), in bytes;
+    /// advertised as OCI-Chunk-Max-Length. Unbounded if not set.
+    #[arg(long, env = "DOCKSIDE_MAX_CHUNK_BYTES")]
+    max_chunk_bytes: Option<u64>,
+
+    /// Chunk size to advertise as OCI-Chunk-Min-Length when an upload starts.
+    #[arg(long, env = "DOCKSIDE_CHUNK_MIN_LENGTH")]
+    chunk_min_length: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DOCKSIDE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dockside: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = Config {
+        max_manifest_bytes: args.max_manifest_bytes,
+        max_blob_bytes: args.max_blob_bytes,
+        max_chunk_bytes: args.max_chunk_bytes,
+        chunk_min_length: args.chunk_min_length,
+        delete_enabled: !args.no_delete,
+        tag_delete_enabled: !args.no_tag_delete,
+        ..Config::default()
+    };
+    let data = &args.data;
+    let registry = DirRegistry::open_dir(data, config)
+        .map_err(|e| format!("cannot use data directory {}: {e}", data.display()))?;
+    // What a crash or kill left mid-write: never visible as blobs, removed here.
+    match FsBlobs::new(data).and_then(|b| b.clean_temporary(Duration::from_secs(600))) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} stale temporary files"),
+        Err(e) => tracing::warn!("could not sweep temporary files: {e}"),
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(
+            "dockside listening on http://{addr}, storing in {}",
+            data.display()
+        );
+        dockside::server::serve_dir(
+            listener,
+            Arc::new(registry),
+            dockside::server::shutdown_signal(),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })
+}

@@ -1,0 +1,509 @@
+//! Manifests: push with validation, pull, delete (end-3, end-7a/b, end-9), and the referrer
+//! records a manifest with a `subject` leaves behind.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::blobs::deletion_disabled;
+use crate::body::{ReadError, read_to_vec};
+use crate::digest::{Algorithm, Digest};
+use crate::error::{Error, ErrorCode, StoreError};
+use crate::host::{BlobStore, KeyValue};
+use crate::layout;
+use crate::names::{RepoName, Tag};
+use crate::registry::{
+    Query, Registry, RegistryResponse, Result, bytes_response, content_length, empty_response,
+    header_str,
+};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Most tags one `PUT ...?tag=` may set (the spec asks for at least 10).
+const MAX_TAGS_PER_PUT: usize = 100;
+
+/// The header line of a stored manifest record; the manifest's exact bytes follow it.
+#[derive(Serialize, Deserialize)]
+struct RecordHeader {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+}
+
+/// A manifest as read from the store.
+pub(crate) struct StoredManifest {
+    pub media_type: String,
+    pub subject: Option<Digest>,
+    pub bytes: Bytes,
+}
+
+fn encode_record(media_type: &str, subject: Option<&Digest>, bytes: &[u8]) -> Vec<u8> {
+    let header = RecordHeader {
+        media_type: media_type.to_owned(),
+        subject: subject.map(Digest::to_string),
+    };
+    let mut v = serde_json::to_vec(&header).expect("serializes");
+    v.push(b'\n');
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn decode_record(raw: Vec<u8>) -> std::result::Result<StoredManifest, StoreError> {
+    let raw = Bytes::from(raw);
+    let nl = raw
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| StoreError::new("corrupt manifest record"))?;
+    let header: RecordHeader = serde_json::from_slice(&raw[..nl])
+        .map_err(|e| StoreError::new(format!("corrupt manifest record: {e}")))?;
+    Ok(StoredManifest {
+        media_type: header.media_type,
+        subject: header
+            .subject
+            .as_deref()
+            .and_then(|s| Digest::parse(s).ok()),
+        bytes: raw.slice(nl + 1..),
+    })
+}
+
+/// What a manifest references, as found by [`validate`].
+enum Reference {
+    Blob { digest: Digest, size: u64 },
+    Manifest { digest: Digest, size: u64 },
+}
+
+/// The facts of a valid manifest that the registry acts on.
+struct Parsed {
+    media_type: String,
+    subject: Option<Digest>,
+    /// The descriptor's `artifactType` in the referrers list (distribution-spec, "Listing
+    /// Referrers"): the manifest's own, else an image manifest's config media type.
+    artifact_type: Option<String>,
+    annotations: Option<Map<String, Value>>,
+    references: Vec<Reference>,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::bad_request(ErrorCode::ManifestInvalid, msg)
+}
+
+/// A descriptor (image-spec `descriptor.md`): `mediaType`, `digest` and `size` are required.
+fn descriptor(v: &Value, at: &str) -> Result<(String, Digest, u64)> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| invalid(format!("{at}: a descriptor must be an object")))?;
+    let media_type = o
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("{at}.mediaType: required string")))?;
+    let digest = o
+        .get("digest")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid(format!("{at}.digest: required string")))?;
+    let digest =
+        Digest::parse(digest).map_err(|e| invalid(format!("{at}.digest: {}", e.message)))?;
+    let size = o
+        .get("size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| invalid(format!("{at}.size: required non-negative integer")))?;
+    Ok((media_type.to_owned(), digest, size))
+}
+
+/// Checks a manifest's shape and says what it references. `content_type` is the request's
+/// `Content-Type` without parameters (empty if none was sent).
+fn validate(bytes: &[u8], content_type: &str) -> Result<Parsed> {
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| invalid(format!("the manifest is not valid JSON: {e}")))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| invalid("the manifest must be a JSON object"))?;
+    if o.get("schemaVersion").and_then(Value::as_u64) != Some(2) {
+        return Err(invalid("schemaVersion must be 2"));
+    }
+    let field = match o.get("mediaType") {
+        None => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => return Err(invalid("mediaType must be a string")),
+    };
+    // The spec: a client MUST set Content-Type to the manifest's mediaType when it has one.
+    let media_type = match (field, content_type) {
+        (Some(f), ct) if !ct.is_empty() && ct != f => {
+            return Err(invalid(format!(
+                "Content-Type {ct:?} does not match the manifest's mediaType {f:?}"
+            )));
+        }
+        (Some(f), _) => f.to_owned(),
+        (None, ct) if !ct.is_empty() => ct.to_owned(),
+        (None, _) if o.contains_key("manifests") => OCI_INDEX.to_owned(),
+        (None, _) => OCI_MANIFEST.to_owned(),
+    };
+    let is_index = match media_type.as_str() {
+        OCI_MANIFEST | DOCKER_MANIFEST => false,
+        OCI_INDEX | DOCKER_LIST => true,
+        other => {
+            return Err(invalid(format!(
+                "unsupported manifest type {other:?}: dockside accepts {OCI_MANIFEST}, \
+                 {OCI_INDEX}, {DOCKER_MANIFEST} and {DOCKER_LIST}"
+            )));
+        }
+    };
+    if field.is_none() && media_type.starts_with("application/vnd.docker.") {
+        return Err(invalid("Docker manifests must carry a mediaType field"));
+    }
+    let oci = media_type.starts_with("application/vnd.oci.");
+    let artifact_type = match o.get("artifactType") {
+        None => None,
+        Some(Value::String(s)) if oci => Some(s.clone()),
+        Some(_) => return Err(invalid("artifactType must be a string, on OCI manifests")),
+    };
+    let subject = match o.get("subject") {
+        Some(s) if oci => Some(descriptor(s, "subject")?.1),
+        _ => None,
+    };
+    let annotations = match o.get("annotations") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => return Err(invalid("annotations must be an object")),
+    };
+    let mut references = Vec::new();
+    let mut config_type = None;
+    if is_index {
+        let list = o
+            .get("manifests")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("manifests: required array"))?;
+        for (i, m) in list.iter().enumerate() {
+            let (_, digest, size) = descriptor(m, &format!("manifests[{i}]"))?;
+            references.push(Reference::Manifest { digest, size });
+        }
+    } else {
+        let config = o.get("config").ok_or_else(|| invalid("config: required"))?;
+        let (ct, digest, size) = descriptor(config, "config")?;
+        config_type = Some(ct);
+        references.push(Reference::Blob { digest, size });
+        let layers = o
+            .get("layers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("layers: required array"))?;
+        for (i, l) in layers.iter().enumerate() {
+            let (_, digest, size) = descriptor(l, &format!("layers[{i}]"))?;
+            // Foreign layers (with `urls`) are fetched from elsewhere, not pushed here.
+            let foreign = l
+                .get("urls")
+                .and_then(Value::as_array)
+                .is_some_and(|u| !u.is_empty());
+            if !foreign {
+                references.push(Reference::Blob { digest, size });
+            }
+        }
+    }
+    Ok(Parsed {
+        artifact_type: artifact_type.or(config_type),
+        media_type,
+        subject,
+        annotations,
+        references,
+    })
+}
+
+enum ManifestRef {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+fn parse_reference(s: &str) -> Result<ManifestRef> {
+    if s.contains(':') {
+        Ok(ManifestRef::Digest(Digest::parse(s)?))
+    } else {
+        Ok(ManifestRef::Tag(Tag::parse(s)?))
+    }
+}
+
+impl<K: KeyValue, B: BlobStore> Registry<K, B> {
+    pub(crate) async fn load_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<StoredManifest>> {
+        match self.kv.get(&layout::manifest(name, digest)).await? {
+            None => Ok(None),
+            Some(raw) => Ok(Some(decode_record(raw)?)),
+        }
+    }
+
+    async fn resolve_tag(&self, name: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        let Some(v) = self.kv.get(&layout::tag(name, tag)).await? else {
+            return Ok(None);
+        };
+        let s = String::from_utf8(v).map_err(|_| StoreError::new("corrupt tag"))?;
+        Ok(Some(
+            Digest::parse(&s).map_err(|_| StoreError::new("corrupt tag"))?,
+        ))
+    }
+
+    /// 404: `NAME_UNKNOWN` if the repository does not exist, else `MANIFEST_UNKNOWN`.
+    async fn manifest_unknown(&self, name: &RepoName, reference: &str) -> Error {
+        match self.repository_exists(name).await {
+            Ok(false) => Error::not_found(
+                ErrorCode::NameUnknown,
+                format!("repository {name} is not known to this registry"),
+            ),
+            _ => Error::not_found(
+                ErrorCode::ManifestUnknown,
+                format!("manifest {reference} is not in repository {name}"),
+            ),
+        }
+    }
+
+    pub(crate) async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+        head: bool,
+    ) -> Result<RegistryResponse<B>> {
+        let digest = match parse_reference(reference)? {
+            ManifestRef::Digest(d) => Some(d),
+            ManifestRef::Tag(t) => self.resolve_tag(name, &t).await?,
+        };
+        let found = match &digest {
+            Some(d) => self.load_manifest(name, d).await?.map(|m| (d, m)),
+            None => None,
+        };
+        let Some((digest, m)) = found else {
+            return Err(self.manifest_unknown(name, reference).await);
+        };
+        let mut resp = bytes_response(StatusCode::OK, &m.media_type, m.bytes, head);
+        let h = resp.headers_mut();
+        let d = digest.to_string();
+        h.insert("etag", format!("\"{d}\"").parse().expect("valid header"));
+        h.insert("docker-content-digest", d.parse().expect("valid header"));
+        Ok(resp)
+    }
+
+    pub(crate) async fn put_manifest<RB>(
+        &self,
+        name: &RepoName,
+        reference: &str,
+        q: &Query,
+        h: &HeaderMap,
+        body: Pin<Box<RB>>,
+    ) -> Result<RegistryResponse<B>>
+    where
+        RB: http_body::Body,
+        RB::Error: std::fmt::Display,
+    {
+        let reference = parse_reference(reference)?;
+        let extra_tags = q.all("tag").map(Tag::parse).collect::<Result<Vec<_>>>()?;
+        if extra_tags.len() > MAX_TAGS_PER_PUT {
+            return Err(Error::new(
+                ErrorCode::Unsupported,
+                StatusCode::URI_TOO_LONG,
+                format!("at most {MAX_TAGS_PER_PUT} tags per request"),
+            ));
+        }
+        let max = self.config.max_manifest_bytes;
+        let too_large = || {
+            Error::new(
+                ErrorCode::SizeInvalid,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("manifests are limited to {max} bytes"),
+            )
+        };
+        if content_length(h)?.is_some_and(|l| l > max) {
+            return Err(too_large());
+        }
+        let bytes = read_to_vec(body, max).await.map_err(|e| match e {
+            ReadError::TooLarge { .. } => too_large(),
+            ReadError::Body(e) => invalid(format!("reading the manifest failed: {e}")),
+        })?;
+        let content_type = header_str(h, header::CONTENT_TYPE)
+            .map(|ct| ct.split(';').next().unwrap_or("").trim())
+            .unwrap_or("");
+        let parsed = validate(&bytes, content_type)?;
+
+        // The digest is always of the exact bytes received.
+        let digest = match &reference {
+            ManifestRef::Digest(d) => {
+                let computed = Digest::of(d.algorithm(), &bytes);
+                if &computed != d {
+                    return Err(Error::bad_request(
+                        ErrorCode::DigestInvalid,
+                        format!("the manifest's digest is {computed}, not {d}"),
+                    ));
+                }
+                computed
+            }
+            ManifestRef::Tag(_) => Digest::of(Algorithm::Sha256, &bytes),
+        };
+
+        for r in &parsed.references {
+            let (digest, size, found) = match r {
+                Reference::Blob { digest, size } => {
+                    (digest, *size, self.blob_link(name, digest).await?)
+                }
+                Reference::Manifest { digest, size } => {
+                    let m = self.load_manifest(name, digest).await?;
+                    (digest, *size, m.map(|m| m.bytes.len() as u64))
+                }
+            };
+            match found {
+                None => {
+                    return Err(Error::bad_request(
+                        ErrorCode::ManifestBlobUnknown,
+                        format!(
+                            "the manifest references {digest}, which is not in repository {name}"
+                        ),
+                    )
+                    .with_detail(serde_json::json!({ "digest": digest.to_string() })));
+                }
+                Some(actual) if actual != size => {
+                    return Err(invalid(format!(
+                        "the descriptor of {digest} says {size} bytes, but it has {actual}"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+
+        let key = layout::manifest(name, &digest);
+        self.kv
+            .set(
+                &key,
+                &encode_record(&parsed.media_type, parsed.subject.as_ref(), &bytes),
+            )
+            .await?;
+        if let Some(subject) = &parsed.subject {
+            let mut d = serde_json::json!({
+                "mediaType": parsed.media_type,
+                "digest": digest.to_string(),
+                "size": bytes.len(),
+            });
+            if let Some(at) = &parsed.artifact_type {
+                d["artifactType"] = Value::String(at.clone());
+            }
+            if let Some(a) = &parsed.annotations {
+                d["annotations"] = Value::Object(a.clone());
+            }
+            self.kv
+                .set(
+                    &layout::referrer(name, subject, &digest),
+                    &serde_json::to_vec(&d).expect("serializes"),
+                )
+                .await?;
+        }
+        let digest_s = digest.to_string();
+        let path_tag = match &reference {
+            ManifestRef::Tag(t) => Some(t),
+            ManifestRef::Digest(_) => None,
+        };
+        for t in path_tag.into_iter().chain(&extra_tags) {
+            self.kv
+                .set(&layout::tag(name, t), digest_s.as_bytes())
+                .await?;
+        }
+        self.ensure_repository(name).await?;
+
+        let mut headers = vec![
+            ("location", format!("/v2/{name}/manifests/{digest}")),
+            ("docker-content-digest", digest_s),
+        ];
+        if let Some(s) = &parsed.subject {
+            headers.push(("oci-subject", s.to_string()));
+        }
+        for t in &extra_tags {
+            headers.push(("oci-tag", t.to_string()));
+        }
+        Ok(empty_response(StatusCode::CREATED, &headers))
+    }
+
+    pub(crate) async fn delete_manifest(
+        &self,
+        name: &RepoName,
+        reference: &str,
+    ) -> Result<RegistryResponse<B>> {
+        let reference = parse_reference(reference)?;
+        if !self.config.delete_enabled {
+            return Err(deletion_disabled());
+        }
+        match reference {
+            ManifestRef::Tag(t) => {
+                if !self.config.tag_delete_enabled {
+                    return Err(Error::bad_request(
+                        ErrorCode::Unsupported,
+                        "deleting tags is disabled on this registry; delete the manifest by digest",
+                    ));
+                }
+                if self.resolve_tag(name, &t).await?.is_none() {
+                    return Err(self.manifest_unknown(name, t.as_str()).await);
+                }
+                self.kv.delete(&layout::tag(name, &t)).await?;
+            }
+            ManifestRef::Digest(d) => {
+                let Some(m) = self.load_manifest(name, &d).await? else {
+                    return Err(self.manifest_unknown(name, &d.to_string()).await);
+                };
+                // The tags that point at it go too (distribution-spec, "Deleting Manifests").
+                // Tags first and the record last, so an interrupted delete can be retried.
+                let prefix = layout::tags_prefix(name);
+                let want = d.to_string();
+                let mut after: Option<String> = None;
+                loop {
+                    let keys = self
+                        .kv
+                        .list(&prefix, after.as_deref(), self.config.page_size)
+                        .await?;
+                    for k in &keys {
+                        if self.kv.get(k).await?.as_deref() == Some(want.as_bytes()) {
+                            self.kv.delete(k).await?;
+                        }
+                    }
+                    if keys.len() < self.config.page_size {
+                        break;
+                    }
+                    after = keys.last().cloned();
+                }
+                if let Some(subject) = &m.subject {
+                    self.kv.delete(&layout::referrer(name, subject, &d)).await?;
+                }
+                self.kv.delete(&layout::manifest(name, &d)).await?;
+            }
+        }
+        Ok(empty_response(StatusCode::ACCEPTED, &[]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn validation() {
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"a","digest":"{D}","size":0}},"layers":[]}}"#
+        );
+        assert!(validate(m.as_bytes(), OCI_MANIFEST).is_ok());
+        assert!(validate(m.as_bytes(), "").is_ok());
+        assert!(validate(m.as_bytes(), OCI_INDEX).is_err());
+        for bad in [
+            "",
+            "[]",
+            "{",
+            r#"{"schemaVersion":1}"#,
+            r#"{"schemaVersion":2,"mediaType":"x/y","layers":[]}"#,
+            r#"{"schemaVersion":2,"config":{},"layers":[]}"#,
+            r#"{"schemaVersion":2,"manifests":[{"mediaType":"a","digest":"sha256:00","size":1}]}"#,
+            r#"{"schemaVersion":2,"manifests":[{"mediaType":"a","digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":-1}]}"#,
+        ] {
+            assert!(validate(bad.as_bytes(), "").is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The registry: request routing, configuration, and the response helpers shared by the API
+//! areas (`blobs`, `uploads`, `manifests`, `lists`).
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+
+use crate::body::Body;
+use crate::error::{Error, ErrorCode};
+use crate::host::{BlobStore, KeyValue};
+use crate::layout;
+use crate::names::RepoName;
+
+/// What a registry allows and advertises. `Config::default()` suits a local registry; edge
+/// deployments lower the size limits to what their host accepts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest manifest accepted, in bytes; larger pushes get 413. The spec asks registries to
+    /// accept at least 4 MiB.
+    pub max_manifest_bytes: u64,
+    /// Largest blob accepted, in bytes; an upload that grows past it gets 413.
+    pub max_blob_bytes: u64,
+    /// Largest request body accepted by one PATCH (or upload-closing PUT or single POST), if
+    /// bounded. Advertised as `OCI-Chunk-Max-Length`. Edge hosts cap request bodies.
+    pub max_chunk_bytes: Option<u64>,
+    /// Advertised as `OCI-Chunk-Min-Length` when an upload starts, so clients send chunks at
+    /// least this big (except the last).
+    pub chunk_min_length: Option<u64>,
+    /// Whether manifests and blobs may be deleted (otherwise 405 `UNSUPPORTED`).
+    pub delete_enabled: bool,
+    /// Whether tags may be deleted on their own (otherwise 400 `UNSUPPORTED`).
+    pub tag_delete_enabled: bool,
+    /// Longest repository name accepted.
+    pub max_name_length: usize,
+    /// Most entries in one page of the tags list, the catalog or the referrers list; a longer
+    /// list is paginated with a `Link` header.
+    pub page_size: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 64 * 1024 * 1024 * 1024,
+            max_chunk_bytes: None,
+            chunk_min_length: None,
+            delete_enabled: true,
+            tag_delete_enabled: true,
+            max_name_length: 255,
+            page_size: 1000,
+        }
+    }
+}
+
+/// An OCI Distribution registry over a key-value store `K` and a blob store `B`.
+///
+/// It holds no state of its own between requests: everything lives in the two stores, so a
+/// `Registry` may be built per request (as on edge hosts) or shared (natively).
+pub struct Registry<K, B> {
+    pub(crate) kv: K,
+    pub(crate) blobs: B,
+    pub(crate) config: Config,
+}
+
+/// A response of the core, whose body may stream from the blob store `B`.
+pub type RegistryResponse<B> = Response<Body<<B as BlobStore>::Reader>>;
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+enum Route {
+    Base,
+    Catalog,
+    Manifest(RepoName, String),
+    Blob(RepoName, String),
+    UploadStart(RepoName),
+    Upload(RepoName, String),
+    Tags(RepoName),
+    Referrers(RepoName, String),
+}
+
+impl<K: KeyValue, B: BlobStore> Registry<K, B> {
+    pub fn new(kv: K, blobs: B, config: Config) -> Self {
+        Registry { kv, blobs, config }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Answers one request of the OCI Distribution API. Never panics on client input and never
+    /// fails: errors become responses with the spec's JSON envelope.
+    pub async fn handle<RB>(&self, req: Request<RB>) -> RegistryResponse<B>
+    where
+        RB: http_body::Body,
+        RB::Error: std::fmt::Display,
+    {
+        let (parts, body) = req.into_parts();
+        let is_head = parts.method == Method::HEAD;
+        let mut resp = match self.route(&parts, Box::pin(body)).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e, is_head),
+        };
+        resp.headers_mut().insert(
+            "docker-distribution-api-version",
+            HeaderValue::from_static("registry/2.0"),
+        );
+        resp
+    }
+
+    async fn route<RB>(
+        &self,
+        parts: &http::request::Parts,
+        body: Pin<Box<RB>>,
+    ) -> Result<RegistryResponse<B>>
+    where
+        RB: http_body::Body,
+        RB::Error: std::fmt::Display,
+    {
+        let q = Query::parse(parts.uri.query().unwrap_or(""));
+        let h = &parts.headers;
+        let m = &parts.method;
+        let allow = |methods: &str| -> Result<RegistryResponse<B>> {
+            Err(Error::new(
+                ErrorCode::Unsupported,
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {m} not allowed here; allowed: {methods}"),
+            )
+            .with_header(header::ALLOW, methods))
+        };
+        match self.parse_path(parts.uri.path())? {
+            Route::Base => match *m {
+                Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
+                _ => allow("GET, HEAD"),
+            },
+            Route::Catalog => match *m {
+                Method::GET => self.catalog(&q).await,
+                _ => allow("GET"),
+            },
+            Route::Tags(name) => match *m {
+                Method::GET => self.tags_list(&name, &q).await,
+                _ => allow("GET"),
+            },
+            Route::Referrers(name, digest) => match *m {
+                Method::GET => self.referrers(&name, &digest, &q).await,
+                _ => allow("GET"),
+            },
+            Route::Manifest(name, reference) => match *m {
+                Method::GET => self.get_manifest(&name, &reference, false).await,
+                Method::HEAD => self.get_manifest(&name, &reference, true).await,
+                Method::PUT => self.put_manifest(&name, &reference, &q, h, body).await,
+                Method::DELETE => self.delete_manifest(&name, &reference).await,
+                _ => allow("GET, HEAD, PUT, DELETE"),
+            },
+            Route::Blob(name, digest) => match *m {
+                Method::GET => self.get_blob(&name, &digest, h, false).await,
+                Method::HEAD => self.get_blob(&name, &digest, h, true).await,
+                Method::DELETE => self.delete_blob(&name, &digest).await,
+                _ => allow("GET, HEAD, DELETE"),
+            },
+            Route::UploadStart(name) => match *m {
+                Method::POST => self.start_upload(&name, &q, h, body).await,
+                _ => allow("POST"),
+            },
+            Route::Upload(name, id) => match *m {
+                Method::GET => self.upload_status(&name, &id).await,
+                Method::PATCH => self.patch_upload(&name, &id, h, body).await,
+                Method::PUT => self.finish_upload(&name, &id, &q, h, body).await,
+                Method::DELETE => self.cancel_upload(&name, &id).await,
+                _ => allow("GET, PATCH, PUT, DELETE"),
+            },
+        }
+    }
+
+    /// Maps a path to a route. Names may contain `/`, so the path is read from its end: the
+    /// last segments say what is asked for, everything before them is the name.
+    fn parse_path(&self, path: &str) -> Result<Route> {
+        let not_found = || {
+            Error::not_found(
+                ErrorCode::Unsupported,
+                format!(
+                    "no such endpoint: {}",
+                    path.chars().take(300).collect::<String>()
+                ),
+            )
+        };
+        let rest = match path.strip_prefix("/v2") {
+            Some("") | Some("/") => return Ok(Route::Base),
+            Some(r) => r.strip_prefix('/').ok_or_else(not_found)?,
+            None => return Err(not_found()),
+        };
+        if rest == "_catalog" {
+            return Ok(Route::Catalog);
+        }
+        let segs: Vec<String> = rest.split('/').map(percent_decode).collect();
+        let n = segs.len();
+        let name = |k: usize| RepoName::parse(&segs[..k].join("/"), self.config.max_name_length);
+        let last = |i: usize| segs[n - i].as_str();
+        if n >= 4 && last(3) == "blobs" && last(2) == "uploads" {
+            return if last(1).is_empty() {
+                Ok(Route::UploadStart(name(n - 3)?))
+            } else {
+                Ok(Route::Upload(name(n - 3)?, last(1).to_owned()))
+            };
+        }
+        if n >= 3 {
+            let (kind, arg) = (last(2), last(1).to_owned());
+            match kind {
+                "blobs" if arg == "uploads" => return Ok(Route::UploadStart(name(n - 2)?)),
+                "tags" if arg == "list" => return Ok(Route::Tags(name(n - 2)?)),
+                "manifests" => return Ok(Route::Manifest(name(n - 2)?, arg)),
+                "blobs" => return Ok(Route::Blob(name(n - 2)?, arg)),
+                "referrers" => return Ok(Route::Referrers(name(n - 2)?, arg)),
+                _ => {}
+            }
+        }
+        Err(not_found())
+    }
+
+    /// Records that repository `name` exists (for the catalog), once.
+    pub(crate) async fn ensure_repository(&self, name: &RepoName) -> Result<()> {
+        let key = layout::catalog(name);
+        if self.kv.get(&key).await?.is_none() {
+            self.kv.set(&key, b"").await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn repository_exists(&self, name: &RepoName) -> Result<bool> {
+        Ok(self.kv.get(&layout::catalog(name)).await?.is_some())
+    }
+}
+
+/// Decodes `%XX` escapes (a client may send `sha256%3A...`). Invalid escapes stay as they are,
+/// and then fail validation.
+pub(crate) fn percent_decode(s: &str) -> String {
+    if !s.contains('%') {
+        return s.to_owned();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Query parameters, decoded as Go's `url.ParseQuery` does (`+` is a space), since clients
+/// written in Go encode them that way.
+pub(crate) struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub(crate) fn parse(q: &str) -> Self {
+        Query(
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (
+                        percent_decode(&k.replace('+', " ")),
+                        percent_decode(&v.replace('+', " ")),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn all(&self, key: &str) -> impl Iterator<Item = &str> {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Percent-encodes a query value for a `Link` header.
+pub(crate) fn query_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub(crate) fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The request's `Content-Length`, if it sent a valid one.
+pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
+    match header_str(h, header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            Error::bad_request(ErrorCode::SizeInvalid, "Content-Length is not a number")
+        }),
+    }
+}
+
+/// A response with the given status and headers and an empty body (`Content-Length: 0`).
+pub(crate) fn empty_response<R>(
+    status: StatusCode,
+    headers: &[(&str, String)],
+) -> Response<Body<R>> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    for (k, v) in headers {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("static header names are valid"),
+                v,
+            );
+        }
+    }
+    resp
+}
+
+pub(crate) fn json_response<R>(status: StatusCode, json: Vec<u8>) -> Response<Body<R>> {
+    bytes_response(status, "application/json", Bytes::from(json), false)
+}
+
+/// A response carrying `body` (or, for HEAD, only its length).
+pub(crate) fn bytes_response<R>(
+    status: StatusCode,
+    content_type: &str,
+    body: Bytes,
+    head: bool,
+) -> Response<Body<R>> {
+    let len = body.len();
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::full(body)
+    });
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(ct) = HeaderValue::from_str(content_type) {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}
+
+fn error_response<R>(e: &Error, head: bool) -> Response<Body<R>> {
+    let mut resp = bytes_response(e.status, "application/json", Bytes::from(e.to_json()), head);
+    for (k, v) in &e.headers {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            resp.headers_mut().append(k.clone(), v);
+        }
+    }
+    resp
+}
