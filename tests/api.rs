@@ -1,0 +1,1419 @@
+//! Every endpoint through `Registry::handle`, success and failure paths, on both hosts (memory
+//! and local directory). The harness builds a new `Registry` for every request over the same
+//! stores, so every test here also proves that no state survives in the registry value.
+
+use bytes::Bytes;
+use dockside::{Config, DirRegistry, MemoryBlobs, MemoryKv, Registry};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256, Sha512};
+
+enum Stores {
+    Memory(MemoryKv, MemoryBlobs),
+    Dir(tempfile::TempDir),
+}
+
+struct H {
+    stores: Stores,
+    config: Config,
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The spec's error code of an error response (checking the envelope's shape).
+    fn code(&self) -> String {
+        let j = self.json();
+        let errors = j["errors"].as_array().expect("an errors array");
+        assert_eq!(errors.len(), 1, "{j}");
+        assert!(errors[0]["message"].is_string(), "{j}");
+        errors[0]["code"].as_str().expect("a code").to_owned()
+    }
+
+    #[track_caller]
+    fn expect(&self, status: u16) -> &Self {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self
+    }
+
+    #[track_caller]
+    fn expect_error(&self, status: u16, code: &str) {
+        self.expect(status);
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        assert_eq!(self.code(), code);
+    }
+}
+
+impl H {
+    fn memory() -> Self {
+        Self::memory_with(Config::default())
+    }
+
+    fn memory_with(config: Config) -> Self {
+        H {
+            stores: Stores::Memory(MemoryKv::new(), MemoryBlobs::new()),
+            config,
+        }
+    }
+
+    fn dir() -> Self {
+        H {
+            stores: Stores::Dir(tempfile::tempdir().unwrap()),
+            config: Config::default(),
+        }
+    }
+
+    /// One request, on a registry value built for this request alone.
+    async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+        match &self.stores {
+            Stores::Memory(kv, blobs) => {
+                let r = Registry::new(kv.clone(), blobs.clone(), self.config.clone());
+                collect(r.handle(req).await).await
+            }
+            Stores::Dir(dir) => {
+                let r = DirRegistry::open_dir(dir.path(), self.config.clone()).unwrap();
+                collect(r.handle(req).await).await
+            }
+        }
+    }
+
+    async fn get(&self, uri: &str) -> Resp {
+        self.send(Method::GET, uri, &[], b"").await
+    }
+
+    async fn head(&self, uri: &str) -> Resp {
+        self.send(Method::HEAD, uri, &[], b"").await
+    }
+
+    async fn delete(&self, uri: &str) -> Resp {
+        self.send(Method::DELETE, uri, &[], b"").await
+    }
+
+    async fn post(&self, uri: &str, body: &[u8]) -> Resp {
+        self.send(Method::POST, uri, &[], body).await
+    }
+
+    /// Pushes a blob in one POST and checks the answer.
+    async fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let d = sha256(data);
+        self.post(&format!("/v2/{repo}/blobs/uploads/?digest={d}"), data)
+            .await
+            .expect(201);
+        d
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Resp {
+        self.send(
+            Method::PUT,
+            &format!("/v2/{repo}/manifests/{reference}"),
+            &[("content-type", media_type)],
+            body,
+        )
+        .await
+    }
+
+    /// Starts an upload session and returns its location.
+    async fn start(&self, repo: &str, query: &str) -> String {
+        let r = self
+            .post(&format!("/v2/{repo}/blobs/uploads/{query}"), b"")
+            .await;
+        r.expect(202);
+        assert_eq!(r.header("range"), Some("0-0"));
+        assert!(r.header("docker-upload-uuid").is_some());
+        r.header("location").unwrap().to_owned()
+    }
+
+    /// The blob store's paths (to check that nothing was left behind).
+    fn blob_paths(&self) -> Vec<String> {
+        match &self.stores {
+            Stores::Memory(_, b) => b.paths(),
+            Stores::Dir(d) => {
+                let mut out = Vec::new();
+                for top in ["blobs", "uploads"] {
+                    walk(&d.path().join(top), top, &mut out);
+                }
+                out.sort();
+                out
+            }
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path, base: &str, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd {
+        let e = e.unwrap();
+        let name = format!("{base}/{}", e.file_name().to_str().unwrap());
+        if e.file_type().unwrap().is_dir() {
+            walk(&e.path(), &name, out);
+        } else {
+            out.push(name);
+        }
+    }
+}
+
+async fn collect<B>(resp: http::Response<B>) -> Resp
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(
+        parts
+            .headers
+            .get("docker-distribution-api-version")
+            .unwrap(),
+        "registry/2.0"
+    );
+    if let Some(len) = parts.headers.get("content-length") {
+        let len: usize = len.to_str().unwrap().parse().unwrap();
+        assert!(
+            body.is_empty() || body.len() == len,
+            "Content-Length {len} for {} bytes",
+            body.len()
+        );
+    }
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+fn sha512(data: &[u8]) -> String {
+    format!("sha512:{}", hex(&Sha512::digest(data)))
+}
+
+/// Deterministic test bytes.
+fn bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+fn descriptor(media_type: &str, data: &[u8]) -> Value {
+    json!({ "mediaType": media_type, "digest": sha256(data), "size": data.len() })
+}
+
+/// Pushes a config and two layers and returns an image manifest (as bytes) that uses them.
+async fn image(h: &H, repo: &str, seed: u8) -> Vec<u8> {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
+    let l1 = bytes(1000, seed);
+    let l2 = bytes(3000, seed.wrapping_add(1));
+    for b in [&config, &l1, &l2] {
+        h.push_blob(repo, b).await;
+    }
+    serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [
+            descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &l1),
+            descriptor("application/vnd.oci.image.layer.v1.tar+gzip", &l2),
+        ],
+    }))
+    .unwrap()
+}
+
+macro_rules! on_every_host {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name(super::H::memory()).await
+            }
+            #[tokio::test]
+            async fn dir() {
+                super::$name(super::H::dir()).await
+            }
+        }
+    )*};
+}
+
+on_every_host!(
+    base_and_routing,
+    monolithic_push_and_pull,
+    post_then_put,
+    chunked_upload,
+    streamed_patch,
+    digest_mismatch_stores_nothing,
+    sha512_uploads,
+    upload_sessions,
+    mount_and_repository_scoping,
+    manifests_push_and_pull,
+    manifest_validation,
+    index_and_docker_types,
+    tags_list,
+    catalog,
+    referrers,
+    deletes,
+);
+
+async fn base_and_routing(h: H) {
+    let r = h.get("/v2/").await;
+    r.expect(200);
+    assert_eq!(r.json(), json!({}));
+    h.get("/v2").await.expect(200);
+    h.head("/v2/").await.expect(200);
+    h.post("/v2/", b"").await.expect_error(405, "UNSUPPORTED");
+    h.get("/v3/").await.expect_error(404, "UNSUPPORTED");
+    h.get("/v2/a/unknown/thing")
+        .await
+        .expect_error(404, "UNSUPPORTED");
+    h.send(Method::PATCH, "/v2/a/manifests/latest", &[], b"")
+        .await
+        .expect_error(405, "UNSUPPORTED");
+    for bad in [
+        "/v2/UPPER/tags/list",
+        "/v2/a//b/tags/list",
+        "/v2/_x/tags/list",
+        "/v2/a/../b/tags/list",
+    ] {
+        h.get(bad).await.expect_error(400, "NAME_INVALID");
+    }
+    let long = format!("/v2/{}/tags/list", "a".repeat(256));
+    h.get(&long).await.expect_error(400, "NAME_INVALID");
+    // A HEAD error carries the status but no body.
+    let r = h.head("/v2/a/manifests/nope").await;
+    assert_eq!(r.status, 404);
+    assert!(r.body.is_empty());
+}
+
+async fn monolithic_push_and_pull(h: H) {
+    let data = bytes(200_000, 7);
+    let d = h.push_blob("lib/app", &data).await;
+
+    let r = h.get(&format!("/v2/lib/app/blobs/{d}")).await;
+    r.expect(200);
+    assert_eq!(r.body, data);
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+    assert_eq!(r.header("content-length"), Some("200000"));
+    assert_eq!(r.header("accept-ranges"), Some("bytes"));
+
+    let r = h.head(&format!("/v2/lib/app/blobs/{d}")).await;
+    r.expect(200);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("200000"));
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+
+    // Ranges: first bytes, a middle slice, a suffix; beyond the end is 416.
+    for (range, from, to) in [
+        ("bytes=0-9", 0, 10),
+        ("bytes=1000-99999", 1000, 100_000),
+        ("bytes=-5", 199_995, 200_000),
+        ("bytes=199990-", 199_990, 200_000),
+    ] {
+        let r = h
+            .send(
+                Method::GET,
+                &format!("/v2/lib/app/blobs/{d}"),
+                &[("range", range)],
+                b"",
+            )
+            .await;
+        r.expect(206);
+        assert_eq!(r.body, &data[from..to], "{range}");
+        assert_eq!(
+            r.header("content-range").unwrap(),
+            format!("bytes {from}-{}/200000", to - 1)
+        );
+        assert_eq!(r.header("content-length").unwrap(), (to - from).to_string());
+    }
+    let r = h
+        .send(
+            Method::GET,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[("range", "bytes=200000-")],
+            b"",
+        )
+        .await;
+    r.expect_error(416, "SIZE_INVALID");
+    assert_eq!(r.header("content-range"), Some("bytes */200000"));
+    // A range we do not serve (several ranges) is ignored: the whole blob.
+    let r = h
+        .send(
+            Method::GET,
+            &format!("/v2/lib/app/blobs/{d}"),
+            &[("range", "bytes=0-1,5-6")],
+            b"",
+        )
+        .await;
+    r.expect(200);
+    assert_eq!(r.body.len(), 200_000);
+
+    let unknown = sha256(b"not pushed");
+    h.get(&format!("/v2/lib/app/blobs/{unknown}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    h.head(&format!("/v2/lib/app/blobs/{unknown}"))
+        .await
+        .expect(404);
+    for bad in [
+        "sha256:abc",
+        "md5:d41d8cd98f00b204e9800998ecf8427e",
+        "nodigest",
+        "sha256:..%2F..%2Fetc",
+    ] {
+        h.get(&format!("/v2/lib/app/blobs/{bad}"))
+            .await
+            .expect_error(400, "DIGEST_INVALID");
+    }
+    // A percent-encoded colon is still the digest.
+    h.get(&format!("/v2/lib/app/blobs/{}", d.replace(':', "%3A")))
+        .await
+        .expect(200);
+
+    // The empty blob.
+    let empty = h.push_blob("lib/app", b"").await;
+    let r = h.get(&format!("/v2/lib/app/blobs/{empty}")).await;
+    r.expect(200);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("0"));
+
+    // Content-Length that disagrees with the body.
+    let r = h
+        .send(
+            Method::POST,
+            &format!("/v2/lib/app/blobs/uploads/?digest={}", sha256(b"abc")),
+            &[("content-length", "5")],
+            b"abc",
+        )
+        .await;
+    r.expect_error(400, "SIZE_INVALID");
+}
+
+async fn post_then_put(h: H) {
+    let data = bytes(5000, 1);
+    let d = sha256(&data);
+    let loc = h.start("r", "").await;
+    assert!(loc.starts_with("/v2/r/blobs/uploads/"));
+    let r = h
+        .send(
+            Method::PUT,
+            &format!("{loc}?digest={d}"),
+            &[("content-type", "application/octet-stream")],
+            &data,
+        )
+        .await;
+    r.expect(201);
+    assert_eq!(r.header("location").unwrap(), format!("/v2/r/blobs/{d}"));
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+    assert_eq!(h.get(&format!("/v2/r/blobs/{d}")).await.body, data);
+    // The session is closed.
+    h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // No digest on the closing PUT.
+    let loc = h.start("r", "").await;
+    h.send(Method::PUT, &loc, &[], &data)
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest=sha256:1234"),
+        &[],
+        &data,
+    )
+    .await
+    .expect_error(400, "DIGEST_INVALID");
+}
+
+async fn chunked_upload(h: H) {
+    let data = bytes(30_000, 3);
+    let d = sha256(&data);
+    let loc = h.start("chunky", "").await;
+
+    let r = h
+        .send(
+            Method::PATCH,
+            &loc,
+            &[("content-range", "0-9999"), ("content-length", "10000")],
+            &data[..10_000],
+        )
+        .await;
+    r.expect(202);
+    assert_eq!(r.header("range"), Some("0-9999"));
+    let loc2 = r.header("location").unwrap().to_owned();
+
+    // Out of order: a gap, and a repeat of the first chunk.
+    for range in ["10001-19999", "0-9999"] {
+        let r = h
+            .send(
+                Method::PATCH,
+                &loc2,
+                &[("content-range", range)],
+                &data[..9999],
+            )
+            .await;
+        r.expect_error(416, "BLOB_UPLOAD_INVALID");
+        assert_eq!(r.header("range"), Some("0-9999"));
+        assert_eq!(r.header("location"), Some(loc2.as_str()));
+    }
+    // A Content-Range that disagrees with Content-Length.
+    h.send(
+        Method::PATCH,
+        &loc2,
+        &[("content-range", "10000-10009"), ("content-length", "5")],
+        b"12345",
+    )
+    .await
+    .expect_error(400, "SIZE_INVALID");
+    // A Content-Range that disagrees with the body.
+    h.send(
+        Method::PATCH,
+        &loc2,
+        &[("content-range", "10000-10009")],
+        b"12345",
+    )
+    .await
+    .expect_error(400, "SIZE_INVALID");
+    h.send(
+        Method::PATCH,
+        &loc2,
+        &[("content-range", "garbage")],
+        b"12345",
+    )
+    .await
+    .expect_error(400, "BLOB_UPLOAD_INVALID");
+
+    // Status.
+    let r = h.get(&loc2).await;
+    r.expect(204);
+    assert_eq!(r.header("range"), Some("0-9999"));
+    assert_eq!(r.header("location"), Some(loc2.as_str()));
+
+    let r = h
+        .send(
+            Method::PATCH,
+            &loc2,
+            &[("content-range", "10000-19999")],
+            &data[10_000..20_000],
+        )
+        .await;
+    r.expect(202);
+    assert_eq!(r.header("range"), Some("0-19999"));
+
+    // The last chunk rides on the closing PUT, with its range.
+    let r = h
+        .send(
+            Method::PUT,
+            &format!("{loc2}?digest={d}"),
+            &[("content-range", "20000-29999")],
+            &data[20_000..],
+        )
+        .await;
+    r.expect(201);
+    assert_eq!(h.get(&format!("/v2/chunky/blobs/{d}")).await.body, data);
+    // Every part was consumed: only the blob itself remains.
+    assert_eq!(h.blob_paths().len(), 1, "{:?}", h.blob_paths());
+}
+
+async fn streamed_patch(h: H) {
+    let data = bytes(70_000, 9);
+    let d = sha256(&data);
+    let loc = h.start("s", "").await;
+    // Streamed PATCHes carry no Content-Range; each appends.
+    let r = h.send(Method::PATCH, &loc, &[], &data[..50_000]).await;
+    r.expect(202);
+    assert_eq!(r.header("range"), Some("0-49999"));
+    let r = h.send(Method::PATCH, &loc, &[], &data[50_000..]).await;
+    assert_eq!(r.header("range"), Some("0-69999"));
+    // An empty PATCH changes nothing.
+    let r = h
+        .send(Method::PATCH, &loc, &[("content-length", "0")], b"")
+        .await;
+    assert_eq!(r.header("range"), Some("0-69999"));
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest={d}"),
+        &[("content-length", "0")],
+        b"",
+    )
+    .await
+    .expect(201);
+    assert_eq!(h.get(&format!("/v2/s/blobs/{d}")).await.body, data);
+}
+
+async fn digest_mismatch_stores_nothing(h: H) {
+    let data = bytes(4000, 2);
+    let wrong = sha256(b"something else");
+    // Single POST.
+    let r = h
+        .post(&format!("/v2/m/blobs/uploads/?digest={wrong}"), &data)
+        .await;
+    r.expect_error(400, "DIGEST_INVALID");
+    assert_eq!(r.json()["errors"][0]["detail"]["computed"], sha256(&data));
+    // Chunked, then a closing PUT with the wrong digest.
+    let loc = h.start("m", "").await;
+    h.send(Method::PATCH, &loc, &[], &data).await.expect(202);
+    h.send(Method::PUT, &format!("{loc}?digest={wrong}"), &[], b"")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    // Nothing is pullable, nothing is left in the blob store, the session is gone.
+    h.get(&format!("/v2/m/blobs/{wrong}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    h.get(&format!("/v2/m/blobs/{}", sha256(&data)))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    assert!(h.blob_paths().is_empty(), "{:?}", h.blob_paths());
+    h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+}
+
+async fn sha512_uploads(h: H) {
+    let data = bytes(9000, 5);
+    let d = sha512(&data);
+    // Declared up front, chunked.
+    let loc = h.start("x", "?digest-algorithm=sha512").await;
+    h.send(
+        Method::PATCH,
+        &loc,
+        &[("content-range", "0-3999")],
+        &data[..4000],
+    )
+    .await
+    .expect(202);
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest={d}"),
+        &[],
+        &data[4000..],
+    )
+    .await
+    .expect(201);
+    let r = h.get(&format!("/v2/x/blobs/{d}")).await;
+    r.expect(200);
+    assert_eq!(r.body, data);
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+
+    // Single POST.
+    let data2 = bytes(100, 6);
+    let d2 = sha512(&data2);
+    h.post(&format!("/v2/x/blobs/uploads/?digest={d2}"), &data2)
+        .await
+        .expect(201);
+    assert_eq!(h.get(&format!("/v2/x/blobs/{d2}")).await.body, data2);
+
+    // Not declared, all data on the PUT.
+    let data3 = bytes(300, 8);
+    let d3 = sha512(&data3);
+    let loc = h.start("x", "").await;
+    h.send(Method::PUT, &format!("{loc}?digest={d3}"), &[], &data3)
+        .await
+        .expect(201);
+    assert_eq!(h.get(&format!("/v2/x/blobs/{d3}")).await.body, data3);
+
+    // Not declared, chunks already hashed as sha256: still verified, by reading the parts back.
+    let data4 = bytes(5000, 11);
+    let d4 = sha512(&data4);
+    let loc = h.start("x", "").await;
+    h.send(Method::PATCH, &loc, &[], &data4[..2000])
+        .await
+        .expect(202);
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest={d4}"),
+        &[],
+        &data4[2000..],
+    )
+    .await
+    .expect(201);
+    assert_eq!(h.get(&format!("/v2/x/blobs/{d4}")).await.body, data4);
+
+    h.post("/v2/x/blobs/uploads/?digest-algorithm=md5", b"")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+}
+
+async fn upload_sessions(h: H) {
+    let loc = h.start("u", "").await;
+    h.send(Method::PATCH, &loc, &[], b"partial")
+        .await
+        .expect(202);
+    // Another repository cannot see (or finish) this session.
+    let other = loc.replace("/v2/u/", "/v2/v/");
+    h.get(&other).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    h.send(Method::PATCH, &other, &[], b"x")
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    h.send(
+        Method::PUT,
+        &format!("{other}?digest={}", sha256(b"partialx")),
+        &[],
+        b"x",
+    )
+    .await
+    .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // Ids that are not ours.
+    for bad in [
+        "nope",
+        "..%2F..%2Fx",
+        "00000000-0000-4000-8000-000000000000",
+    ] {
+        h.get(&format!("/v2/u/blobs/uploads/{bad}"))
+            .await
+            .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    }
+    // Cancel frees the parts.
+    h.delete(&loc).await.expect(204);
+    h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    h.delete(&loc)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    assert!(h.blob_paths().is_empty(), "{:?}", h.blob_paths());
+}
+
+async fn mount_and_repository_scoping(h: H) {
+    let data = bytes(1234, 4);
+    let d = h.push_blob("src", &data).await;
+    // The content exists, but "dst" has no link: it cannot read it.
+    h.get(&format!("/v2/dst/blobs/{d}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    // Mount from a repository that lacks it: an ordinary session.
+    let r = h
+        .post(
+            &format!("/v2/dst/blobs/uploads/?mount={d}&from=elsewhere"),
+            b"",
+        )
+        .await;
+    r.expect(202);
+    assert!(
+        r.header("location")
+            .unwrap()
+            .starts_with("/v2/dst/blobs/uploads/")
+    );
+    // Without from: no guessing by digest.
+    h.post(&format!("/v2/dst/blobs/uploads/?mount={d}"), b"")
+        .await
+        .expect(202);
+    h.get(&format!("/v2/dst/blobs/{d}")).await.expect(404);
+    // From the repository that has it.
+    let r = h
+        .post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src"), b"")
+        .await;
+    r.expect(201);
+    assert_eq!(r.header("location").unwrap(), format!("/v2/dst/blobs/{d}"));
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+    assert_eq!(h.get(&format!("/v2/dst/blobs/{d}")).await.body, data);
+    h.post("/v2/dst/blobs/uploads/?mount=sha256:zz&from=src", b"")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    h.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=BAD"), b"")
+        .await
+        .expect_error(400, "NAME_INVALID");
+    // The content is stored once.
+    assert_eq!(h.blob_paths().len(), 1);
+}
+
+async fn manifests_push_and_pull(h: H) {
+    let m = image(&h, "app", 1).await;
+    let d = sha256(&m);
+    let r = h.put_manifest("app", "v1", OCI_MANIFEST, &m).await;
+    r.expect(201);
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/v2/app/manifests/{d}")
+    );
+    assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+    assert!(r.header("oci-subject").is_none());
+
+    for reference in ["v1", d.as_str()] {
+        let r = h.get(&format!("/v2/app/manifests/{reference}")).await;
+        r.expect(200);
+        assert_eq!(r.body, m, "exact bytes");
+        assert_eq!(r.header("content-type"), Some(OCI_MANIFEST));
+        assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+        let r = h.head(&format!("/v2/app/manifests/{reference}")).await;
+        r.expect(200);
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("content-length").unwrap(), m.len().to_string());
+        assert_eq!(r.header("docker-content-digest"), Some(d.as_str()));
+    }
+    // Content-Type parameters are ignored.
+    let m2 = image(&h, "app", 2).await;
+    h.put_manifest("app", "v2", &format!("{OCI_MANIFEST}; charset=utf-8"), &m2)
+        .await
+        .expect(201);
+
+    // By digest, with tags (end-7b).
+    let m3 = image(&h, "app", 3).await;
+    let d3 = sha256(&m3);
+    let r = h
+        .put_manifest("app", &format!("{d3}?tag=a&tag=b&tag=c"), OCI_MANIFEST, &m3)
+        .await;
+    r.expect(201);
+    let tags: Vec<&str> = r
+        .headers
+        .get_all("oci-tag")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["a", "b", "c"]);
+    for t in ["a", "b", "c"] {
+        assert_eq!(h.get(&format!("/v2/app/manifests/{t}")).await.body, m3);
+    }
+    // By digest with the wrong digest.
+    h.put_manifest("app", &sha256(b"other"), OCI_MANIFEST, &m3)
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    h.put_manifest("app", "v1?tag=-bad", OCI_MANIFEST, &m3)
+        .await
+        .expect_error(400, "TAG_INVALID");
+    // A tag moves.
+    h.put_manifest("app", "v1", OCI_MANIFEST, &m3)
+        .await
+        .expect(201);
+    assert_eq!(h.get("/v2/app/manifests/v1").await.body, m3);
+    // The older manifest is still there by digest.
+    assert_eq!(h.get(&format!("/v2/app/manifests/{d}")).await.body, m);
+
+    // Unknown.
+    h.get("/v2/app/manifests/nope")
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    h.get(&format!("/v2/app/manifests/{}", sha256(b"x")))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    h.get("/v2/never/pushed/manifests/latest")
+        .await
+        .expect_error(404, "NAME_UNKNOWN");
+    h.get("/v2/app/manifests/-bad")
+        .await
+        .expect_error(400, "TAG_INVALID");
+    h.get("/v2/app/manifests/sha256:abc")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+}
+
+async fn manifest_validation(h: H) {
+    let m = image(&h, "val", 1).await;
+    let v: Value = serde_json::from_slice(&m).unwrap();
+    let put = |body: Vec<u8>, ct: &'static str| {
+        let h = &h;
+        async move { h.put_manifest("val", "t", ct, &body).await }
+    };
+    put(b"{not json".to_vec(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    put(b"[]".to_vec(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    let mut bad = v.clone();
+    bad["schemaVersion"] = json!(1);
+    put(serde_json::to_vec(&bad).unwrap(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    // Content-Type disagrees with mediaType.
+    put(m.clone(), OCI_INDEX)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    // Unsupported types (schema 1).
+    let mut s1 = v.clone();
+    s1["mediaType"] = json!("application/vnd.docker.distribution.manifest.v1+prettyjws");
+    put(
+        serde_json::to_vec(&s1).unwrap(),
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    )
+    .await
+    .expect_error(400, "MANIFEST_INVALID");
+    // A layer that was never pushed.
+    let mut missing = v.clone();
+    let ghost = bytes(10, 99);
+    missing["layers"][1] = descriptor("application/vnd.oci.image.layer.v1.tar", &ghost);
+    let r = put(serde_json::to_vec(&missing).unwrap(), OCI_MANIFEST).await;
+    r.expect_error(400, "MANIFEST_BLOB_UNKNOWN");
+    assert_eq!(r.json()["errors"][0]["detail"]["digest"], sha256(&ghost));
+    // A blob pushed to another repository only.
+    h.push_blob("other", &ghost).await;
+    put(serde_json::to_vec(&missing).unwrap(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_BLOB_UNKNOWN");
+    // A descriptor whose size lies.
+    let mut lying = v.clone();
+    lying["layers"][0]["size"] = json!(1);
+    put(serde_json::to_vec(&lying).unwrap(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    // A foreign layer (with urls) need not be here.
+    let mut foreign = v.clone();
+    foreign["layers"][1] = json!({
+        "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "digest": sha256(&ghost), "size": 10, "urls": ["https://example.com/layer"],
+    });
+    put(serde_json::to_vec(&foreign).unwrap(), OCI_MANIFEST)
+        .await
+        .expect(201);
+    // Too large: 413.
+    let mut big = v.clone();
+    big["annotations"] = json!({ "pad": "x".repeat(4 * 1024 * 1024) });
+    put(serde_json::to_vec(&big).unwrap(), OCI_MANIFEST)
+        .await
+        .expect_error(413, "SIZE_INVALID");
+    // A subject that does not exist is fine, and answered with OCI-Subject.
+    let mut with_subject = v.clone();
+    let subject = sha256(b"not here");
+    with_subject["subject"] = json!({ "mediaType": OCI_MANIFEST, "digest": subject, "size": 8 });
+    let r = put(serde_json::to_vec(&with_subject).unwrap(), OCI_MANIFEST).await;
+    r.expect(201);
+    assert_eq!(r.header("oci-subject"), Some(subject.as_str()));
+    // No Content-Type: the mediaType field decides.
+    put(m.clone(), "").await.expect(201);
+    // Nothing invalid was stored under "t" in between: it is the last valid push.
+    assert_eq!(h.get("/v2/val/manifests/t").await.body, m);
+}
+
+async fn index_and_docker_types(h: H) {
+    let a = image(&h, "multi", 1).await;
+    let b = image(&h, "multi", 2).await;
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            { "mediaType": OCI_MANIFEST, "digest": sha256(&a), "size": a.len(), "platform": {"architecture": "amd64", "os": "linux"} },
+            { "mediaType": OCI_MANIFEST, "digest": sha256(&b), "size": b.len(), "platform": {"architecture": "arm64", "os": "linux"} },
+        ],
+    }))
+    .unwrap();
+    // Children first: an index referencing unknown manifests is refused.
+    h.put_manifest("multi", "latest", OCI_INDEX, &index)
+        .await
+        .expect_error(400, "MANIFEST_BLOB_UNKNOWN");
+    h.put_manifest("multi", &sha256(&a), OCI_MANIFEST, &a)
+        .await
+        .expect(201);
+    h.put_manifest("multi", &sha256(&b), OCI_MANIFEST, &b)
+        .await
+        .expect(201);
+    h.put_manifest("multi", "latest", OCI_INDEX, &index)
+        .await
+        .expect(201);
+    let r = h.get("/v2/multi/manifests/latest").await;
+    assert_eq!(r.header("content-type"), Some(OCI_INDEX));
+    assert_eq!(r.body, index);
+
+    // Docker schema 2 and manifest lists.
+    let config = b"{\"os\":\"linux\"}".to_vec();
+    let layer = bytes(500, 42);
+    h.push_blob("dock", &config).await;
+    h.push_blob("dock", &layer).await;
+    let dm = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": descriptor("application/vnd.docker.container.image.v1+json", &config),
+        "layers": [descriptor("application/vnd.docker.image.rootfs.diff.tar.gzip", &layer)],
+    }))
+    .unwrap();
+    h.put_manifest("dock", "one", DOCKER_MANIFEST, &dm)
+        .await
+        .expect(201);
+    let list = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_LIST,
+        "manifests": [{ "mediaType": DOCKER_MANIFEST, "digest": sha256(&dm), "size": dm.len(), "platform": {"architecture": "amd64", "os": "linux"} }],
+    }))
+    .unwrap();
+    h.put_manifest("dock", "list", DOCKER_LIST, &list)
+        .await
+        .expect(201);
+    let r = h.get("/v2/dock/manifests/list").await;
+    assert_eq!(r.header("content-type"), Some(DOCKER_LIST));
+    assert_eq!(r.body, list);
+    assert_eq!(
+        h.get("/v2/dock/manifests/one").await.header("content-type"),
+        Some(DOCKER_MANIFEST)
+    );
+    // A Docker manifest without its mediaType field is refused.
+    let mut v: Value = serde_json::from_slice(&dm).unwrap();
+    v.as_object_mut().unwrap().remove("mediaType");
+    h.put_manifest(
+        "dock",
+        "two",
+        DOCKER_MANIFEST,
+        &serde_json::to_vec(&v).unwrap(),
+    )
+    .await
+    .expect_error(400, "MANIFEST_INVALID");
+}
+
+async fn tags_list(h: H) {
+    h.get("/v2/t/tags/list")
+        .await
+        .expect_error(404, "NAME_UNKNOWN");
+    let m = image(&h, "t", 1).await;
+    // The repository exists (it has blobs) but no tags yet.
+    let r = h.get("/v2/t/tags/list").await;
+    r.expect(200);
+    assert_eq!(r.json(), json!({ "name": "t", "tags": [] }));
+    let names = ["v2", "latest", "B", "a", "v10", "_x", "v1"];
+    for t in names {
+        h.put_manifest("t", t, OCI_MANIFEST, &m).await.expect(201);
+    }
+    let mut sorted: Vec<&str> = names.to_vec();
+    sorted.sort();
+    let r = h.get("/v2/t/tags/list").await;
+    assert_eq!(r.json()["tags"], json!(sorted));
+    assert!(r.header("link").is_none());
+    // Pages of 3, following the Link header.
+    let mut seen = Vec::new();
+    let mut next = Some("/v2/t/tags/list?n=3".to_owned());
+    while let Some(url) = next.take() {
+        let r = h.get(&url).await;
+        r.expect(200);
+        let page: Vec<String> = serde_json::from_value(r.json()["tags"].clone()).unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page);
+        if let Some(link) = r.header("link") {
+            assert!(link.ends_with(">; rel=\"next\""), "{link}");
+            next = Some(link[1..link.find('>').unwrap()].to_owned());
+        }
+    }
+    assert_eq!(seen, sorted);
+    // last without n; n=0.
+    let r = h.get("/v2/t/tags/list?last=latest").await;
+    assert_eq!(r.json()["tags"], json!(["v1", "v10", "v2"]));
+    let r = h.get("/v2/t/tags/list?n=0").await;
+    assert_eq!(r.json()["tags"], json!([]));
+    assert!(r.header("link").is_none());
+    // Exactly n left: no Link.
+    let r = h.get("/v2/t/tags/list?n=3&last=latest").await;
+    assert_eq!(r.json()["tags"], json!(["v1", "v10", "v2"]));
+    assert!(r.header("link").is_none());
+    h.get("/v2/t/tags/list?n=abc")
+        .await
+        .expect_error(400, "UNSUPPORTED");
+    h.get("/v2/t/tags/list?last=..")
+        .await
+        .expect_error(400, "TAG_INVALID");
+    // Another repository's tags stay apart, even one whose name extends this one.
+    let m2 = image(&h, "t/sub", 2).await;
+    h.put_manifest("t/sub", "only-here", OCI_MANIFEST, &m2)
+        .await
+        .expect(201);
+    assert_eq!(h.get("/v2/t/tags/list").await.json()["tags"], json!(sorted));
+    assert_eq!(
+        h.get("/v2/t/sub/tags/list").await.json()["tags"],
+        json!(["only-here"])
+    );
+}
+
+async fn catalog(h: H) {
+    let r = h.get("/v2/_catalog").await;
+    r.expect(200);
+    assert_eq!(r.json(), json!({ "repositories": [] }));
+    let repos = ["b", "a/x", "a", "c/d/e", "a-b"];
+    for repo in repos {
+        h.push_blob(repo, b"hello").await;
+    }
+    let mut sorted = repos.to_vec();
+    sorted.sort();
+    assert_eq!(
+        h.get("/v2/_catalog").await.json()["repositories"],
+        json!(sorted)
+    );
+    let r = h.get("/v2/_catalog?n=2").await;
+    assert_eq!(r.json()["repositories"], json!(sorted[..2]));
+    let link = r.header("link").unwrap();
+    let next = &link[1..link.find('>').unwrap()];
+    let r = h.get(next).await;
+    assert_eq!(r.json()["repositories"], json!(sorted[2..4]));
+    h.post("/v2/_catalog", b"")
+        .await
+        .expect_error(405, "UNSUPPORTED");
+}
+
+async fn referrers(h: H) {
+    let img = image(&h, "ref", 1).await;
+    let subject = sha256(&img);
+    // Referrers of a subject nobody pushed: an empty index, never 404.
+    let r = h.get(&format!("/v2/ref/referrers/{subject}")).await;
+    r.expect(200);
+    assert_eq!(r.header("content-type"), Some(OCI_INDEX));
+    assert_eq!(
+        r.json(),
+        json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] })
+    );
+    h.get(&format!("/v2/nothing/here/referrers/{subject}"))
+        .await
+        .expect(200);
+    h.get("/v2/ref/referrers/sha256:nope")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+
+    let empty_config = b"{}".to_vec();
+    h.push_blob("ref", &empty_config).await;
+    let sig_layer = b"signature".to_vec();
+    h.push_blob("ref", &sig_layer).await;
+    let subject_desc = json!({ "mediaType": OCI_MANIFEST, "digest": subject, "size": img.len() });
+    // An artifact with artifactType, pushed before its subject.
+    let sig = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.signature",
+        "config": descriptor("application/vnd.oci.empty.v1+json", &empty_config),
+        "layers": [descriptor("application/octet-stream", &sig_layer)],
+        "subject": subject_desc,
+        "annotations": { "org.example.key": "value" },
+    }))
+    .unwrap();
+    let r = h
+        .put_manifest("ref", &sha256(&sig), OCI_MANIFEST, &sig)
+        .await;
+    r.expect(201);
+    assert_eq!(r.header("oci-subject"), Some(subject.as_str()));
+    h.put_manifest("ref", "v1", OCI_MANIFEST, &img)
+        .await
+        .expect(201);
+    // An image manifest without artifactType: its config media type stands in.
+    let sbom = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.example.sbom.config", &empty_config),
+        "layers": [],
+        "subject": subject_desc,
+    }))
+    .unwrap();
+    h.put_manifest("ref", &sha256(&sbom), OCI_MANIFEST, &sbom)
+        .await
+        .expect(201);
+    // An index without artifactType: none in its descriptor.
+    let idx = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [], "subject": subject_desc,
+    }))
+    .unwrap();
+    h.put_manifest("ref", &sha256(&idx), OCI_INDEX, &idx)
+        .await
+        .expect(201);
+
+    let r = h.get(&format!("/v2/ref/referrers/{subject}")).await;
+    r.expect(200);
+    assert!(r.header("oci-filters-applied").is_none());
+    let list = r.json()["manifests"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 3);
+    let find = |d: &str| {
+        list.iter()
+            .find(|m| m["digest"] == d)
+            .unwrap_or_else(|| panic!("{d} missing"))
+            .clone()
+    };
+    assert_eq!(
+        find(&sha256(&sig)),
+        json!({
+            "mediaType": OCI_MANIFEST, "digest": sha256(&sig), "size": sig.len(),
+            "artifactType": "application/vnd.example.signature",
+            "annotations": { "org.example.key": "value" },
+        })
+    );
+    assert_eq!(
+        find(&sha256(&sbom))["artifactType"],
+        "application/vnd.example.sbom.config"
+    );
+    let i = find(&sha256(&idx));
+    assert_eq!(i["mediaType"], OCI_INDEX);
+    assert!(i.get("artifactType").is_none());
+
+    // Filtered.
+    let r = h
+        .get(&format!(
+            "/v2/ref/referrers/{subject}?artifactType=application/vnd.example.signature"
+        ))
+        .await;
+    assert_eq!(r.header("oci-filters-applied"), Some("artifactType"));
+    let list = r.json()["manifests"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["digest"], sha256(&sig));
+    // Another repository does not see them.
+    assert_eq!(
+        h.get(&format!("/v2/other/referrers/{subject}"))
+            .await
+            .json()["manifests"],
+        json!([])
+    );
+
+    // Deleting a referrer takes it off the list.
+    h.delete(&format!("/v2/ref/manifests/{}", sha256(&sig)))
+        .await
+        .expect(202);
+    let r = h.get(&format!("/v2/ref/referrers/{subject}")).await;
+    assert_eq!(r.json()["manifests"].as_array().unwrap().len(), 2);
+}
+
+async fn deletes(h: H) {
+    let m = image(&h, "del", 1).await;
+    let d = sha256(&m);
+    h.put_manifest(
+        "del",
+        &format!("{d}?tag=one&tag=two&tag=keep-other"),
+        OCI_MANIFEST,
+        &m,
+    )
+    .await
+    .expect(201);
+    let m2 = image(&h, "del", 2).await;
+    h.put_manifest("del", "other", OCI_MANIFEST, &m2)
+        .await
+        .expect(201);
+
+    // A tag alone.
+    h.delete("/v2/del/manifests/one").await.expect(202);
+    h.get("/v2/del/manifests/one")
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    h.get(&format!("/v2/del/manifests/{d}")).await.expect(200);
+    h.delete("/v2/del/manifests/one")
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    // The manifest: its remaining tags go with it, other tags stay.
+    h.delete(&format!("/v2/del/manifests/{d}"))
+        .await
+        .expect(202);
+    h.get(&format!("/v2/del/manifests/{d}"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    h.get("/v2/del/manifests/two")
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    assert_eq!(
+        h.get("/v2/del/tags/list").await.json()["tags"],
+        json!(["other"])
+    );
+    h.delete(&format!("/v2/del/manifests/{d}"))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
+    h.delete("/v2/nope/manifests/latest")
+        .await
+        .expect_error(404, "NAME_UNKNOWN");
+
+    // A blob: unlinked from this repository only.
+    let data = b"shared".to_vec();
+    let bd = h.push_blob("del", &data).await;
+    h.push_blob("keep", &data).await;
+    h.delete(&format!("/v2/del/blobs/{bd}")).await.expect(202);
+    h.get(&format!("/v2/del/blobs/{bd}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    h.delete(&format!("/v2/del/blobs/{bd}"))
+        .await
+        .expect_error(404, "BLOB_UNKNOWN");
+    assert_eq!(h.get(&format!("/v2/keep/blobs/{bd}")).await.body, data);
+    h.delete("/v2/del/blobs/sha256:1")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+}
+
+#[tokio::test]
+async fn deletion_can_be_disabled() {
+    let h = H::memory_with(Config {
+        delete_enabled: false,
+        ..Config::default()
+    });
+    let m = image(&h, "ro", 1).await;
+    h.put_manifest("ro", "v1", OCI_MANIFEST, &m)
+        .await
+        .expect(201);
+    h.delete("/v2/ro/manifests/v1")
+        .await
+        .expect_error(405, "UNSUPPORTED");
+    h.delete(&format!("/v2/ro/manifests/{}", sha256(&m)))
+        .await
+        .expect_error(405, "UNSUPPORTED");
+    let cfg: Value = serde_json::from_slice(&m).unwrap();
+    let layer = cfg["layers"][0]["digest"].as_str().unwrap();
+    h.delete(&format!("/v2/ro/blobs/{layer}"))
+        .await
+        .expect_error(405, "UNSUPPORTED");
+    h.get("/v2/ro/manifests/v1").await.expect(200);
+
+    let h = H::memory_with(Config {
+        tag_delete_enabled: false,
+        ..Config::default()
+    });
+    let m = image(&h, "ro", 1).await;
+    h.put_manifest("ro", "v1", OCI_MANIFEST, &m)
+        .await
+        .expect(201);
+    h.delete("/v2/ro/manifests/v1")
+        .await
+        .expect_error(400, "UNSUPPORTED");
+    h.delete(&format!("/v2/ro/manifests/{}", sha256(&m)))
+        .await
+        .expect(202);
+}
+
+#[tokio::test]
+async fn chunk_limits_are_advertised_and_enforced() {
+    let h = H::memory_with(Config {
+        max_chunk_bytes: Some(1000),
+        chunk_min_length: Some(500),
+        max_blob_bytes: 2500,
+        ..Config::default()
+    });
+    let r = h.post("/v2/lim/blobs/uploads/", b"").await;
+    r.expect(202);
+    assert_eq!(r.header("oci-chunk-min-length"), Some("500"));
+    assert_eq!(r.header("oci-chunk-max-length"), Some("1000"));
+    let loc = r.header("location").unwrap().to_owned();
+    // Declared too large: refused before reading. Streamed too large: refused while reading.
+    h.send(
+        Method::PATCH,
+        &loc,
+        &[("content-length", "1001")],
+        &[0; 1001],
+    )
+    .await
+    .expect_error(413, "SIZE_INVALID");
+    h.send(Method::PATCH, &loc, &[], &[0; 1001])
+        .await
+        .expect_error(413, "SIZE_INVALID");
+    // Nothing was appended by the refused requests.
+    assert_eq!(h.get(&loc).await.header("range"), Some("0-0"));
+    let data = bytes(2600, 1);
+    for (i, chunk) in data.chunks(1000).enumerate().take(2) {
+        let r = h.send(Method::PATCH, &loc, &[], chunk).await;
+        r.expect(202);
+        assert_eq!(
+            r.header("range").unwrap(),
+            format!("0-{}", (i + 1) * 1000 - 1)
+        );
+    }
+    // The blob limit: 2500 bytes in all.
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest={}", sha256(&data)),
+        &[],
+        &data[2000..],
+    )
+    .await
+    .expect_error(413, "SIZE_INVALID");
+    let d = sha256(&data[..2500]);
+    h.send(
+        Method::PUT,
+        &format!("{loc}?digest={d}"),
+        &[],
+        &data[2000..2500],
+    )
+    .await
+    .expect(201);
+    h.post(
+        &format!("/v2/lim/blobs/uploads/?digest={}", sha256(&data[..1001])),
+        &data[..1001],
+    )
+    .await
+    .expect_error(413, "SIZE_INVALID");
+}
+
+/// The issue's explicit statelessness test: a chunked push and a pull where every request is
+/// handled by a `Registry` built for it alone, over shared stores, and the stores hold every
+/// fact (the registry value is dropped after each request).
+#[tokio::test]
+async fn registry_dropped_between_every_request() {
+    let kv = MemoryKv::new();
+    let blobs = MemoryBlobs::new();
+    let fresh = || Registry::new(kv.clone(), blobs.clone(), Config::default());
+    async fn send(
+        r: Registry<MemoryKv, MemoryBlobs>,
+        m: Method,
+        uri: &str,
+        hdr: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Resp {
+        let mut req = Request::builder().method(m).uri(uri);
+        for (k, v) in hdr {
+            req = req.header(*k, *v);
+        }
+        collect(
+            r.handle(req.body(Full::new(Bytes::from(body))).unwrap())
+                .await,
+        )
+        .await
+    }
+    let data = bytes(100_000, 77);
+    let d = sha256(&data);
+    let r = send(fresh(), Method::POST, "/v2/s/blobs/uploads/", &[], vec![]).await;
+    let mut loc = r.header("location").unwrap().to_owned();
+    for (i, chunk) in data.chunks(30_000).enumerate() {
+        let start = i * 30_000;
+        let range = format!("{start}-{}", start + chunk.len() - 1);
+        let r = send(
+            fresh(),
+            Method::PATCH,
+            &loc,
+            &[("content-range", &range)],
+            chunk.to_vec(),
+        )
+        .await;
+        r.expect(202);
+        loc = r.header("location").unwrap().to_owned();
+        // The session's progress is in the key-value store, hash state included.
+        let record = kv
+            .keys()
+            .into_iter()
+            .find(|k| k.contains("/_uploads/"))
+            .unwrap();
+        assert!(record.ends_with(loc.rsplit('/').next().unwrap()));
+    }
+    send(
+        fresh(),
+        Method::PUT,
+        &format!("{loc}?digest={d}"),
+        &[],
+        vec![],
+    )
+    .await
+    .expect(201);
+    let r = send(
+        fresh(),
+        Method::GET,
+        &format!("/v2/s/blobs/{d}"),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.body, data);
+    assert!(
+        kv.keys().iter().all(|k| !k.contains("/_uploads/")),
+        "the session is gone"
+    );
+}
