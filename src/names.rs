@@ -13,6 +13,9 @@ use crate::error::{Error, ErrorCode};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RepoName(String);
 
+/// Longest component (between two `/`) of a repository name.
+pub const MAX_COMPONENT: usize = 200;
+
 impl RepoName {
     pub fn parse(s: &str, max_len: usize) -> Result<Self, Error> {
         let invalid = |why: String| {
@@ -31,6 +34,13 @@ impl RepoName {
             return Err(invalid(format!("longer than {max_len} characters")));
         }
         for component in s.split('/') {
+            // Each component becomes a file or directory name in the directory host, where
+            // names are limited to 255 bytes; nobody needs a component near that long.
+            if component.len() > MAX_COMPONENT {
+                return Err(invalid(format!(
+                    "a path component is longer than {MAX_COMPONENT} characters"
+                )));
+            }
             if !valid_component(component) {
                 return Err(invalid(format!(
                     "component {component:?} must be lowercase letters and digits, \
@@ -202,6 +212,8 @@ mod tests {
             assert!(RepoName::parse(bad, 255).is_err(), "{bad}");
         }
         assert!(RepoName::parse(&"a".repeat(256), 255).is_err());
+        assert!(RepoName::parse(&"a".repeat(201), 255).is_err());
+        assert!(RepoName::parse(&format!("{}/{}", "a".repeat(200), "b".repeat(54)), 255).is_ok());
     }
 
     #[test]

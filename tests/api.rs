@@ -319,6 +319,13 @@ async fn base_and_routing(h: H) {
     }
     let long = format!("/v2/{}/tags/list", "a".repeat(256));
     h.get(&long).await.expect_error(400, "NAME_INVALID");
+    // The longest name there is: 255 characters, in components of at most 200.
+    let longest = format!("{}/{}", "a".repeat(200), "b".repeat(54));
+    h.push_blob(&longest, b"x").await;
+    h.get(&format!("/v2/{longest}/tags/list")).await.expect(200);
+    h.get(&format!("/v2/{}/tags/list", "c".repeat(201)))
+        .await
+        .expect_error(400, "NAME_INVALID");
     // A HEAD error carries the status but no body.
     let r = h.head("/v2/a/manifests/nope").await;
     assert_eq!(r.status, 404);
