@@ -18,6 +18,10 @@
 //! ├── blobs/<alg>/<hex[0..2]>/<hex>                           content, stored once, shared by every
 //! │                                                            repository that links it
 //! └── uploads/<uuid>/<offset>-<nonce>                         parts of an upload in progress
+//!
+//! blob store on a key-value store (crate::kvblobs, for hosts without a blob store)
+//! ├── kvblob/obj/<blob path>                                   {"size","chunk","segments":[..]}
+//! └── kvblob/chunk/<nonce>/<index:08>                          one chunk of a segment
 //! ```
 //!
 //! Repository names never contain a component starting with `_` (see [`RepoName`]), so
@@ -108,4 +112,14 @@ pub fn upload_part(id: &UploadId, offset: u64, nonce: &str) -> String {
 pub fn digest_from_suffix(suffix: &str) -> Option<Digest> {
     let (alg, hex) = suffix.split_once('/')?;
     Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+/// The record of an object of the key-value blob store.
+pub fn kvblob_object(path: &str) -> String {
+    format!("kvblob/obj/{path}")
+}
+
+/// Chunk `index` of segment `id` of the key-value blob store.
+pub fn kvblob_chunk(id: &str, index: u64) -> String {
+    format!("kvblob/chunk/{id}/{index:08}")
 }

@@ -3,7 +3,7 @@
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
-use dockside::{Config, DirRegistry, MemoryBlobs, MemoryKv, Registry};
+use dockside::{Config, DirRegistry, KvBlobs, MemoryBlobs, MemoryKv, Registry};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -12,7 +12,13 @@ use sha2::{Digest as _, Sha256, Sha512};
 enum Stores {
     Memory(MemoryKv, MemoryBlobs),
     Dir(tempfile::TempDir),
+    /// Blobs chunked into a key-value store (as on Spin), with tiny chunks so that blobs span
+    /// many chunks and uploads many segments.
+    KvOnly(MemoryKv),
 }
+
+/// Chunk size of the `KvOnly` host.
+const KV_CHUNK: usize = 1000;
 
 struct H {
     stores: Stores,
@@ -82,6 +88,13 @@ impl H {
         }
     }
 
+    fn kv_only() -> Self {
+        H {
+            stores: Stores::KvOnly(MemoryKv::new()),
+            config: Config::default(),
+        }
+    }
+
     /// One request, on a registry value built for this request alone.
     async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
@@ -96,6 +109,11 @@ impl H {
             }
             Stores::Dir(dir) => {
                 let r = DirRegistry::open_dir(dir.path(), self.config.clone()).unwrap();
+                collect(r.handle(req).await).await
+            }
+            Stores::KvOnly(kv) => {
+                let blobs = KvBlobs::with_chunk_size(kv.clone(), KV_CHUNK);
+                let r = Registry::new(kv.clone(), blobs, self.config.clone());
                 collect(r.handle(req).await).await
             }
         }
@@ -165,6 +183,23 @@ impl H {
                 out.sort();
                 out
             }
+            Stores::KvOnly(kv) => kv
+                .keys()
+                .into_iter()
+                .filter_map(|k| k.strip_prefix("kvblob/obj/").map(str::to_owned))
+                .collect(),
+        }
+    }
+
+    /// Chunk values in the key-value store (the `KvOnly` host), to check none are leaked.
+    fn chunk_count(&self) -> usize {
+        match &self.stores {
+            Stores::KvOnly(kv) => kv
+                .keys()
+                .iter()
+                .filter(|k| k.starts_with("kvblob/chunk/"))
+                .count(),
+            _ => 0,
         }
     }
 }
@@ -271,6 +306,10 @@ macro_rules! on_every_host {
             #[tokio::test]
             async fn dir() {
                 super::$name(super::H::dir()).await
+            }
+            #[tokio::test]
+            async fn kv_only() {
+                super::$name(super::H::kv_only()).await
             }
         }
     )*};
@@ -557,6 +596,9 @@ async fn chunked_upload(h: H) {
     assert_eq!(h.get(&format!("/v2/chunky/blobs/{d}")).await.body, data);
     // Every part was consumed: only the blob itself remains.
     assert_eq!(h.blob_paths().len(), 1, "{:?}", h.blob_paths());
+    if matches!(h.stores, Stores::KvOnly(_)) {
+        assert_eq!(h.chunk_count(), 30_000 / KV_CHUNK);
+    }
 }
 
 async fn streamed_patch(h: H) {
@@ -608,6 +650,7 @@ async fn digest_mismatch_stores_nothing(h: H) {
         .await
         .expect_error(404, "BLOB_UNKNOWN");
     assert!(h.blob_paths().is_empty(), "{:?}", h.blob_paths());
+    assert_eq!(h.chunk_count(), 0);
     h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
 }
 
