@@ -210,10 +210,7 @@ impl KeyValue for FsKv {
         }
         let mut keys = Vec::new();
         self.walk(&dir, &base, &mut keys)?;
-        keys.retain(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a));
-        keys.sort_unstable();
-        keys.truncate(limit);
-        Ok(keys)
+        Ok(crate::host::page_of(keys, prefix, after, limit))
     }
 
     async fn compare_and_swap(

@@ -111,3 +111,38 @@ pub trait BlobStore {
         dest: &str,
     ) -> impl Future<Output = Result<(), StoreError>>;
 }
+
+/// One page of a key listing, for hosts that can only enumerate keys (Spin's key-value store
+/// lists every key, unfiltered and unordered): the keys with `prefix`, sorted, strictly after
+/// `after`, at most `limit`. Costs a pass over every key given.
+pub fn page_of(
+    keys: impl IntoIterator<Item = String>,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<String> {
+    let mut page: Vec<String> = keys
+        .into_iter()
+        .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
+        .collect();
+    page.sort_unstable();
+    page.truncate(limit);
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_of;
+
+    #[test]
+    fn pages() {
+        let keys = ["b/2", "a/1", "b/1", "b/3", "c", "b"].map(String::from);
+        assert_eq!(page_of(keys.clone(), "b/", None, 10), ["b/1", "b/2", "b/3"]);
+        assert_eq!(page_of(keys.clone(), "b/", Some("b/1"), 1), ["b/2"]);
+        assert_eq!(
+            page_of(keys.clone(), "b/", Some("b/3"), 10),
+            Vec::<String>::new()
+        );
+        assert_eq!(page_of(keys, "", Some("b/3"), 10), ["c"]);
+    }
+}

@@ -51,8 +51,15 @@ mod names;
 mod registry;
 mod uploads;
 
-#[cfg(feature = "server")]
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod server;
+
+#[cfg(all(feature = "spin", feature = "wasi-http"))]
+compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");
+#[cfg(all(target_arch = "wasm32", feature = "spin"))]
+mod spin_component;
+#[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
+mod wasi_component;
 
 pub use body::Body;
 pub use digest::{Algorithm, Digest};

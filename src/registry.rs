@@ -53,6 +53,45 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The configuration from `DOCKSIDE_*` settings, looked up with `get` (environment
+    /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
+    /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
+    /// `DOCKSIDE_NO_TAG_DELETE`. Unset means the default.
+    pub fn from_settings(
+        get: impl Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Self, String> {
+        let num = |name: &str| -> std::result::Result<Option<u64>, String> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("{name} must be a number of bytes, not {v:?}")),
+            }
+        };
+        let flag = |name: &str| -> std::result::Result<bool, String> {
+            match get(name).as_deref().map(str::trim) {
+                None | Some("") | Some("0") | Some("false") => Ok(false),
+                Some("1") | Some("true") => Ok(true),
+                Some(v) => Err(format!("{name} must be true or false, not {v:?}")),
+            }
+        };
+        let d = Config::default();
+        Ok(Config {
+            max_manifest_bytes: num("DOCKSIDE_MAX_MANIFEST_BYTES")?.unwrap_or(d.max_manifest_bytes),
+            max_blob_bytes: num("DOCKSIDE_MAX_BLOB_BYTES")?.unwrap_or(d.max_blob_bytes),
+            max_chunk_bytes: num("DOCKSIDE_MAX_CHUNK_BYTES")?.or(d.max_chunk_bytes),
+            chunk_min_length: num("DOCKSIDE_CHUNK_MIN_LENGTH")?.or(d.chunk_min_length),
+            delete_enabled: !flag("DOCKSIDE_NO_DELETE")?,
+            tag_delete_enabled: !flag("DOCKSIDE_NO_TAG_DELETE")?,
+            ..d
+        })
+    }
+}
+
 /// An OCI Distribution registry over a key-value store `K` and a blob store `B`.
 ///
 /// It holds no state of its own between requests: everything lives in the two stores, so a

@@ -1,0 +1,289 @@
+//! The `wasi:http/proxy` component (WASI 0.2, the `wasi` crate): runs under
+//! `wasmtime serve -Scli --dir HOST::/data --addr 127.0.0.1:PORT dockside.wasm`, storing through
+//! `wasi:filesystem` in the preopened directory with the same local-directory hosts as the
+//! native server.
+//!
+//! It only translates: the incoming request becomes an `http::Request` whose body streams from
+//! the wasi input stream; the core's response streams out within the output stream's write
+//! budget. The handler is synchronous, so a small executor (`rt`) drives the core's future,
+//! blocking on `wasi:io/poll` when it waits for the network.
+//!
+//! Settings come from the environment (`wasmtime serve --env NAME=VALUE`): `DOCKSIDE_DATA`
+//! (default `/data`) and the `DOCKSIDE_*` limits of [`Config::from_settings`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use wasi::http::types::{
+    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
+use wasi::io::streams::{InputStream, OutputStream, StreamError};
+
+use crate::{Config, DirRegistry};
+
+struct Component;
+
+wasi::http::proxy::export!(Component);
+
+impl wasi::exports::http::incoming_handler::Guest for Component {
+    fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let registry = match open() {
+            Ok(r) => r,
+            Err(msg) => return respond_plain(out, 500, &msg),
+        };
+        let req = match to_http(request) {
+            Ok(r) => r,
+            Err(msg) => return respond_plain(out, 400, &msg),
+        };
+        rt::block_on(async move {
+            let resp = registry.handle(req).await;
+            send(resp, out).await;
+        });
+    }
+}
+
+fn open() -> Result<DirRegistry, String> {
+    let config = Config::from_settings(|k| std::env::var(k).ok())?;
+    let data = std::env::var("DOCKSIDE_DATA").unwrap_or_else(|_| "/data".to_owned());
+    DirRegistry::open_dir(&data, config).map_err(|e| {
+        format!(
+            "cannot use data directory {data}: {e} (preopen it: wasmtime serve --dir HOST::{data})"
+        )
+    })
+}
+
+/// A response built here, for failures before the core runs (its error envelope is not
+/// available without a registry).
+fn respond_plain(out: ResponseOutparam, status: u16, msg: &str) {
+    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": msg}]}).to_string();
+    let headers = Fields::from_list(&[("content-type".to_owned(), b"application/json".to_vec())])
+        .unwrap_or_else(|_| Fields::new());
+    let resp = OutgoingResponse::new(headers);
+    let _ = resp.set_status_code(status);
+    let Ok(body_out) = resp.body() else { return };
+    ResponseOutparam::set(out, Ok(resp));
+    if let Ok(stream) = body_out.write() {
+        for chunk in body.as_bytes().chunks(4096) {
+            if stream.blocking_write_and_flush(chunk).is_err() {
+                break;
+            }
+        }
+    }
+    let _ = OutgoingBody::finish(body_out, None);
+}
+
+fn to_http(req: IncomingRequest) -> Result<http::Request<WasiBody>, String> {
+    let method = match req.method() {
+        Method::Get => http::Method::GET,
+        Method::Head => http::Method::HEAD,
+        Method::Post => http::Method::POST,
+        Method::Put => http::Method::PUT,
+        Method::Delete => http::Method::DELETE,
+        Method::Patch => http::Method::PATCH,
+        Method::Options => http::Method::OPTIONS,
+        Method::Connect => http::Method::CONNECT,
+        Method::Trace => http::Method::TRACE,
+        Method::Other(m) => http::Method::from_bytes(m.as_bytes()).map_err(|e| e.to_string())?,
+    };
+    // The core routes on the path and query only.
+    let uri = req.path_with_query().unwrap_or_else(|| "/".to_owned());
+    let mut builder = http::Request::builder().method(method).uri(uri);
+    for (name, value) in req.headers().entries() {
+        builder = builder.header(name, value);
+    }
+    let body = req.consume().map_err(|()| "request body already taken")?;
+    let stream = body
+        .stream()
+        .map_err(|()| "request body stream already taken")?;
+    builder
+        .body(WasiBody {
+            stream: Some(stream),
+            body: Some(body),
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// The incoming body as an `http_body::Body`. The stream is a child of the body resource and
+/// must be dropped first.
+struct WasiBody {
+    stream: Option<InputStream>,
+    body: Option<IncomingBody>,
+}
+
+/// Bytes asked of the input stream per read.
+const READ_SIZE: u64 = 256 * 1024;
+
+impl http_body::Body for WasiBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Poll::Ready(None);
+        };
+        match stream.read(READ_SIZE) {
+            Ok(chunk) if chunk.is_empty() => {
+                rt::register(stream.subscribe(), cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(chunk) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk))))),
+            Err(StreamError::Closed) => {
+                self.stream = None;
+                if let Some(b) = self.body.take() {
+                    drop(IncomingBody::finish(b));
+                }
+                Poll::Ready(None)
+            }
+            Err(StreamError::LastOperationFailed(e)) => {
+                self.stream = None;
+                self.body = None;
+                Poll::Ready(Some(Err(std::io::Error::other(e.to_debug_string()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_none()
+    }
+}
+
+/// Headers a wasi:http host refuses in a response (they are the host's business).
+const FORBIDDEN: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "http2-settings",
+];
+
+async fn send<B>(resp: http::Response<B>, out: ResponseOutparam)
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let (parts, body) = resp.into_parts();
+    let entries: Vec<(String, Vec<u8>)> = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| !FORBIDDEN.contains(&n.as_str()))
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    let fields = Fields::from_list(&entries).unwrap_or_else(|_| Fields::new());
+    let wresp = OutgoingResponse::new(fields);
+    let _ = wresp.set_status_code(parts.status.as_u16());
+    let Ok(wbody) = wresp.body() else { return };
+    ResponseOutparam::set(out, Ok(wresp));
+    let complete = {
+        let Ok(stream) = wbody.write() else { return };
+        let mut body = std::pin::pin!(body);
+        let mut ok = true;
+        while !body.is_end_stream() {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data()
+                        && write_all(&stream, &data).await.is_err()
+                    {
+                        ok = false; // the client went away
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    eprintln!("dockside: response body failed: {e}");
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        ok && flush(&stream).await.is_ok()
+        // The stream, a child of the body, is dropped here, before `finish`.
+    };
+    if complete {
+        // A HEAD answer announces a Content-Length it does not send: the host reports a size
+        // mismatch, after the headers went out as they should. Nothing to do about it.
+        let _ = OutgoingBody::finish(wbody, None);
+    }
+    // Otherwise `wbody` is dropped unfinished, which tells the host the body is incomplete.
+}
+
+/// Writes `data` within the stream's write budget, waiting when it is spent.
+async fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
+    while !data.is_empty() {
+        let budget = stream.check_write()?;
+        if budget == 0 {
+            rt::wait(|| stream.subscribe()).await;
+            continue;
+        }
+        let n = (budget as usize).min(data.len());
+        stream.write(&data[..n])?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+async fn flush(stream: &OutputStream) -> Result<(), StreamError> {
+    stream.flush()?;
+    rt::wait(|| stream.subscribe()).await;
+    stream.check_write().map(|_| ())
+}
+
+/// A minimal single-threaded executor over `wasi:io/poll`: futures waiting on the host register
+/// a pollable and their waker; `block_on` sleeps in `poll` until one is ready.
+mod rt {
+    use std::cell::RefCell;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use wasi::io::poll::Pollable;
+
+    thread_local! {
+        static PENDING: RefCell<Vec<(Pollable, Waker)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Called by a future about to return `Pending` until `p` is ready.
+    pub fn register(p: Pollable, w: Waker) {
+        PENDING.with(|v| v.borrow_mut().push((p, w)));
+    }
+
+    /// Completes once a pollable made by `subscribe` is ready.
+    pub async fn wait(subscribe: impl Fn() -> Pollable) {
+        std::future::poll_fn(|cx| {
+            let p = subscribe();
+            if p.ready() {
+                Poll::Ready(())
+            } else {
+                register(p, cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    pub fn block_on<F: Future>(fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            let pending = PENDING.with(|v| std::mem::take(&mut *v.borrow_mut()));
+            if pending.is_empty() {
+                // Pending without a pollable: something was woken synchronously. Poll again.
+                continue;
+            }
+            let refs: Vec<&Pollable> = pending.iter().map(|(p, _)| p).collect();
+            for i in wasi::io::poll::poll(&refs) {
+                pending[i as usize].1.wake_by_ref();
+            }
+        }
+    }
+}

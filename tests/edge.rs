@@ -1,0 +1,260 @@
+//! The wasi:http component under a real runtime: `wasmtime serve`, which starts a fresh
+//! instance for every request, so a push that works here keeps no state in memory.
+//!
+//! Needs the built component and the wasmtime CLI: `.ci/edge` builds and installs both and runs
+//! `cargo test --features edge --test edge` with `DOCKSIDE_WASI_COMPONENT` and
+//! `DOCKSIDE_WASMTIME` set. Without them the test fails and says so; it never skips.
+#![cfg(feature = "edge")]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest as _, Sha256};
+
+struct Wasmtime {
+    child: Child,
+    addr: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Wasmtime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run .ci/edge, which builds the component and installs wasmtime")
+    })
+}
+
+/// Starts `wasmtime serve` on a free loopback port with a fresh data directory.
+fn serve() -> Wasmtime {
+    let wasmtime = required_env("DOCKSIDE_WASMTIME");
+    let component = required_env("DOCKSIDE_WASI_COMPONENT");
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(&wasmtime)
+        .args(["serve", "-Scli", "--addr", "127.0.0.1:0", "--dir"])
+        .arg(format!("{}::/data", data.path().display()))
+        .arg(&component)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {wasmtime}: {e}"));
+    // wasmtime prints "Serving HTTP on http://127.0.0.1:PORT/" once it listens.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("http://").nth(1) {
+                let _ = tx.send(rest.trim_end_matches('/').to_owned());
+            }
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("wasmtime serve did not start listening within 60 s");
+    Wasmtime {
+        child,
+        addr,
+        _data: data,
+    }
+}
+
+fn sha256(data: &[u8]) -> String {
+    let h = Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_and_pull_through_the_wasi_component() {
+    let w = serve();
+    let base = format!("http://{}", w.addr);
+    let http = reqwest::Client::new();
+
+    let r = http.get(format!("{base}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+
+    // A multi-layer image through oci-client, whose chunked upload sends 4 MiB PATCHes: each
+    // chunk lands on a new instance, so the running hash must travel through the store.
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        use_monolithic_push: false,
+        ..Default::default()
+    });
+    let auth = RegistryAuth::Anonymous;
+    let layers = vec![
+        ImageLayer::oci_v1(pseudo_random(9 * 1024 * 1024 + 17, 1), None),
+        ImageLayer::oci_v1(pseudo_random(3 * 1024 * 1024, 2), None),
+        ImageLayer::oci_v1(pseudo_random(1000, 3), None),
+    ];
+    let config = Config::oci_v1(br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), None);
+    let manifest = OciImageManifest::build(&layers, &config, None);
+    let image: Reference = format!("{}/edge/app:v1", w.addr).parse().unwrap();
+    client
+        .push(
+            &image,
+            &layers,
+            config.clone(),
+            &auth,
+            Some(manifest.clone()),
+        )
+        .await
+        .expect("push through the wasi component");
+
+    let pulled = client
+        .pull(
+            &image,
+            &auth,
+            vec![oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE],
+        )
+        .await
+        .expect("pull through the wasi component");
+    // The client fetches layers concurrently and returns them as they finish: compare as sets,
+    // by digest and length (a failure should not print megabytes).
+    let mut got: Vec<_> = pulled
+        .layers
+        .iter()
+        .map(|l| (sha256(&l.data), l.data.len()))
+        .collect();
+    let mut want: Vec<_> = layers
+        .iter()
+        .map(|l| (sha256(&l.data), l.data.len()))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "the layers came back different");
+    assert!(
+        pulled.config.data == config.data,
+        "the config came back different"
+    );
+
+    // Tags, and the manifest as pushed.
+    let tags = client
+        .list_tags(&image, &auth, None, None)
+        .await
+        .expect("tags list");
+    assert_eq!(tags.tags, ["v1"]);
+    let (raw, digest) = client
+        .pull_manifest_raw(&image, &auth, &[oci_client::manifest::OCI_IMAGE_MEDIA_TYPE])
+        .await
+        .unwrap();
+    assert_eq!(digest, sha256(&raw));
+
+    // A referrer: an artifact whose subject is the image.
+    let sig = pseudo_random(500, 9);
+    let empty = b"{}".to_vec();
+    let artifact = OciImageManifest {
+        artifact_type: Some("application/vnd.example.signature".to_owned()),
+        config: OciDescriptor {
+            media_type: "application/vnd.oci.empty.v1+json".to_owned(),
+            digest: sha256(&empty),
+            size: 2,
+            ..Default::default()
+        },
+        layers: vec![OciDescriptor {
+            media_type: "application/octet-stream".to_owned(),
+            digest: sha256(&sig),
+            size: sig.len() as i64,
+            ..Default::default()
+        }],
+        subject: Some(OciDescriptor {
+            media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.to_owned(),
+            digest: digest.clone(),
+            size: raw.len() as i64,
+            ..Default::default()
+        }),
+        annotations: Some(BTreeMap::from([("k".to_owned(), "v".to_owned())])),
+        ..Default::default()
+    };
+    let sig_ref: Reference = format!("{}/edge/app:sig", w.addr).parse().unwrap();
+    client
+        .push(
+            &sig_ref,
+            &[ImageLayer::new(
+                sig.clone(),
+                "application/octet-stream".to_owned(),
+                None,
+            )],
+            Config::new(
+                empty.clone(),
+                "application/vnd.oci.empty.v1+json".to_owned(),
+                None,
+            ),
+            &auth,
+            Some(artifact),
+        )
+        .await
+        .expect("push of the referrer");
+    let by_digest = Reference::with_digest(w.addr.clone(), "edge/app".to_owned(), digest.clone());
+    let index = client
+        .pull_referrers(&by_digest, Some("application/vnd.example.signature"))
+        .await
+        .expect("referrers");
+    assert_eq!(index.manifests.len(), 1);
+    assert_eq!(
+        index.manifests[0].artifact_type.as_deref(),
+        Some("application/vnd.example.signature")
+    );
+
+    // The error envelope, from the component.
+    let r = http
+        .get(format!("{base}/v2/edge/app/manifests/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+
+    // A ranged read of a layer, and HEAD.
+    let layer0 = &layers[0].data;
+    let d0 = sha256(layer0);
+    let r = http
+        .get(format!("{base}/v2/edge/app/blobs/{d0}"))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &layer0[1000..2000]);
+    let r = http
+        .head(format!("{base}/v2/edge/app/blobs/{d0}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"].to_str().unwrap(),
+        layer0.len().to_string()
+    );
+}
