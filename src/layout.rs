@@ -3,6 +3,8 @@
 //! ```text
 //! key-value store (one key per fact)
 //! ├── catalog/<name>                                          ""   the repository exists
+//! ├── upload-index/<started:012>/<uuid>                       "<name>": an upload session, by age
+//! │                                                            (so stale ones can be purged)
 //! └── repositories/<name>/
 //!     ├── _layers/<alg>/<hex>                                 {"size":N}  blob linked into <name>
 //!     ├── _manifests/revisions/<alg>/<hex>                    manifest record: a JSON header line
@@ -86,6 +88,15 @@ pub fn referrer(name: &RepoName, subject: &Digest, referrer: &Digest) -> String 
         referrer.algorithm().as_str(),
         referrer.hex()
     )
+}
+
+pub fn upload_index_prefix() -> &'static str {
+    "upload-index/"
+}
+
+/// The age index entry of an upload session: keys sort by start time.
+pub fn upload_index(started: u64, id: &UploadId) -> String {
+    format!("upload-index/{started:012}/{id}")
 }
 
 pub fn upload(name: &RepoName, id: &UploadId) -> String {

@@ -62,6 +62,11 @@ struct ServeArgs {
     /// Chunk size to advertise as OCI-Chunk-Min-Length when an upload starts.
     #[arg(long, env = "DOCKSIDE_CHUNK_MIN_LENGTH")]
     chunk_min_length: Option<u64>,
+
+    /// Cancel upload sessions older than this many seconds, freeing their space (checked
+    /// periodically). 0 keeps them forever.
+    #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
+    upload_expiry_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -118,12 +123,25 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             "dockside listening on http://{addr}, storing in {}",
             data.display()
         );
-        dockside::server::serve_dir(
-            listener,
-            Arc::new(registry),
-            dockside::server::shutdown_signal(),
-        )
-        .await
-        .map_err(|e| e.to_string())
+        let registry = Arc::new(registry);
+        if args.upload_expiry_secs > 0 {
+            tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
+        }
+        dockside::server::serve_dir(listener, registry, dockside::server::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
     })
+}
+
+/// Purges stale upload sessions now and then: every quarter of the expiry, at most hourly.
+async fn purge_uploads(registry: Arc<DirRegistry>, expiry_secs: u64) {
+    let every = Duration::from_secs((expiry_secs / 4).clamp(1, 3600));
+    loop {
+        match registry.purge_stale_uploads(expiry_secs).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("cancelled {n} upload sessions older than {expiry_secs} s"),
+            Err(e) => tracing::warn!("purging stale uploads failed: {e}"),
+        }
+        tokio::time::sleep(every).await;
+    }
 }

@@ -176,6 +176,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         };
         let key = layout::upload(name, &id);
         let raw = serde_json::to_vec(&record).expect("serializes");
+        // The index entry first: a session is never unreachable by the purge.
+        self.kv
+            .set(
+                &layout::upload_index(record.started, &id),
+                name.as_str().as_bytes(),
+            )
+            .await?;
         self.kv.set(&key, &raw).await?;
         let s = Session {
             id,
@@ -422,6 +429,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         };
         self.save(name, &s, &record).await?;
         self.kv.delete(&s.key).await?;
+        self.kv
+            .delete(&layout::upload_index(record.started, &s.id))
+            .await?;
         if computed != digest {
             for p in &record.parts {
                 self.blobs.delete(p).await?;
@@ -490,11 +500,72 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         id: &str,
     ) -> Result<RegistryResponse<B>> {
         let s = self.load_session(name, id).await?;
-        self.kv.delete(&s.key).await?;
-        for p in &s.record.parts {
+        self.drop_session(&s.key, &s.id, &s.record).await?;
+        Ok(empty_response(StatusCode::NO_CONTENT, &[]))
+    }
+
+    /// Removes a session: its record, its parts, its index entry.
+    async fn drop_session(&self, key: &str, id: &UploadId, record: &UploadRecord) -> Result<()> {
+        self.kv.delete(key).await?;
+        for p in &record.parts {
             self.blobs.delete(p).await?;
         }
-        Ok(empty_response(StatusCode::NO_CONTENT, &[]))
+        self.kv
+            .delete(&layout::upload_index(record.started, id))
+            .await?;
+        Ok(())
+    }
+
+    /// Cancels every upload session started more than `max_age_secs` ago, freeing its parts
+    /// (distribution-spec: "the server SHOULD eventually timeout unfinished uploads"). Returns
+    /// how many it removed. The native server calls this periodically; other adapters may call
+    /// it from a scheduled job.
+    pub async fn purge_stale_uploads(
+        &self,
+        max_age_secs: u64,
+    ) -> std::result::Result<usize, StoreError> {
+        let cutoff = now_secs().saturating_sub(max_age_secs);
+        let prefix = layout::upload_index_prefix();
+        let mut removed = 0;
+        loop {
+            let keys = self.kv.list(prefix, None, self.config.page_size).await?;
+            let mut progressed = false;
+            for k in &keys {
+                let Some((started, id)) = k[prefix.len()..].split_once('/') else {
+                    self.kv.delete(k).await?;
+                    continue;
+                };
+                let (Ok(started), Ok(id)) = (started.parse::<u64>(), UploadId::parse(id)) else {
+                    self.kv.delete(k).await?;
+                    continue;
+                };
+                if started >= cutoff {
+                    return Ok(removed); // the index is in start order: the rest is younger
+                }
+                let name = self
+                    .kv
+                    .get(k)
+                    .await?
+                    .and_then(|n| String::from_utf8(n).ok())
+                    .and_then(|n| RepoName::parse(&n, usize::MAX).ok());
+                if let Some(name) = name {
+                    let key = layout::upload(&name, &id);
+                    if let Some(raw) = self.kv.get(&key).await?
+                        && let Ok(record) = serde_json::from_slice::<UploadRecord>(&raw)
+                    {
+                        self.drop_session(&key, &id, &record)
+                            .await
+                            .map_err(|e| StoreError::new(e.message))?;
+                        removed += 1;
+                    }
+                }
+                self.kv.delete(k).await?;
+                progressed = true;
+            }
+            if keys.len() < self.config.page_size || !progressed {
+                return Ok(removed);
+            }
+        }
     }
 }
 

@@ -1394,6 +1394,42 @@ async fn chunk_limits_are_advertised_and_enforced() {
     .expect_error(413, "SIZE_INVALID");
 }
 
+/// Abandoned upload sessions are purged with their parts once old enough; young ones stay.
+#[tokio::test]
+async fn stale_uploads_are_purged() {
+    let kv = MemoryKv::new();
+    let blobs = MemoryBlobs::new();
+    let registry = Registry::new(kv.clone(), blobs.clone(), Config::default());
+    let h = H {
+        stores: Stores::Memory(kv, blobs.clone()),
+        config: Config::default(),
+    };
+    let old = h.start("p", "").await;
+    h.send(Method::PATCH, &old, &[], b"abandoned")
+        .await
+        .expect(202);
+    assert_eq!(blobs.paths().len(), 1);
+    // Nothing is older than an hour.
+    assert_eq!(registry.purge_stale_uploads(3600).await.unwrap(), 0);
+    h.get(&old).await.expect(204);
+    // Start times are in seconds: let this one age past a zero-second limit.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let young = h.start("p", "").await;
+    let n = registry.purge_stale_uploads(0).await.unwrap();
+    assert_eq!(n, 1);
+    h.get(&old).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    assert!(blobs.paths().is_empty(), "{:?}", blobs.paths());
+    h.get(&young).await.expect(204);
+    // A finished upload leaves nothing for the purge.
+    let d = sha256(b"done");
+    h.send(Method::PUT, &format!("{young}?digest={d}"), &[], b"done")
+        .await
+        .expect(201);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(registry.purge_stale_uploads(0).await.unwrap(), 0);
+    assert_eq!(h.get(&format!("/v2/p/blobs/{d}")).await.body, &b"done"[..]);
+}
+
 /// The explicit statelessness test: a chunked push and a pull where every request is
 /// handled by a `Registry` built for it alone, over shared stores, and the stores hold every
 /// fact (the registry value is dropped after each request).
