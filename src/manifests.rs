@@ -293,7 +293,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         reference: &str,
         q: &Query,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,

@@ -36,6 +36,9 @@ pub struct Config {
     /// Most entries in one page of the tags list, the catalog or the referrers list; a longer
     /// list is paginated with a `Link` header.
     pub page_size: usize,
+    /// How much of a refused request's body is read (and dropped) so the client can read the
+    /// error before the connection closes.
+    pub drain_limit: u64,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             tag_delete_enabled: true,
             max_name_length: 255,
             page_size: 1000,
+            drain_limit: 64 * 1024 * 1024,
         }
     }
 }
@@ -136,9 +140,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     {
         let (parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
-        let mut resp = match self.route(&parts, Box::pin(body)).await {
+        let mut body = Box::pin(body);
+        let mut resp = match self.route(&parts, &mut body).await {
             Ok(r) => r,
-            Err(e) => error_response(&e, is_head),
+            Err(e) => {
+                drain(&mut body, self.config.drain_limit).await;
+                error_response(&e, is_head)
+            }
         };
         resp.headers_mut().insert(
             "docker-distribution-api-version",
@@ -150,7 +158,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     async fn route<RB>(
         &self,
         parts: &http::request::Parts,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -267,6 +275,27 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
     pub(crate) async fn repository_exists(&self, name: &RepoName) -> Result<bool> {
         Ok(self.kv.get(&layout::catalog(name)).await?.is_some())
+    }
+}
+
+/// Reads and drops what is left of a refused request's body, up to `limit` bytes. A server
+/// that answers early and closes while the client is still sending makes many clients lose the
+/// answer to a connection reset (RFC 9112 §9.6); past the limit, closing is the lesser evil.
+async fn drain<RB>(body: &mut Pin<Box<RB>>, limit: u64)
+where
+    RB: http_body::Body,
+{
+    use http_body_util::BodyExt;
+    let mut seen = 0u64;
+    while !body.is_end_stream() && seen <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    seen += bytes::Buf::remaining(d) as u64;
+                }
+            }
+            _ => return,
+        }
     }
 }
 

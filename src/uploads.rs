@@ -140,7 +140,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         name: &RepoName,
         q: &Query,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -206,7 +206,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         name: &RepoName,
         digest: &Digest,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -257,7 +257,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     }
 
     /// Streams a request body into the blob store at `part`; returns its length.
-    async fn write_part<RB>(&self, part: &str, src: &mut Hashing<Pin<Box<RB>>>) -> Result<u64>
+    async fn write_part<RB>(&self, part: &str, src: &mut Hashing<&mut Pin<Box<RB>>>) -> Result<u64>
     where
         RB: http_body::Body,
         RB::Error: std::fmt::Display,
@@ -282,7 +282,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         name: &RepoName,
         s: &Session,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<UploadRecord>
     where
         RB: http_body::Body,
@@ -370,7 +370,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         name: &RepoName,
         id: &str,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -393,7 +393,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         id: &str,
         q: &Query,
         h: &HeaderMap,
-        body: Pin<Box<RB>>,
+        body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
