@@ -1,0 +1,58 @@
+//! oras-py (PyPI `oras`, in the virtual environment `.ci/interop` makes): the scenario is
+//! `oras_scenario.py` (monolithic and chunked pushes with custom media types, pull and byte
+//! comparison, a referrer pushed with `subject=`, the referrers API with and without a filter,
+//! tags, delete).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::interop::{Registry, require_tool, run, skip, suite_dir, tools_dir};
+
+/// The Python that has `oras` installed: `DOCKSIDE_INTEROP_PYTHON`, else the virtual
+/// environment under the tools directory.
+pub fn python_with_oras() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("DOCKSIDE_INTEROP_PYTHON") {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(tools_dir().join("venv/bin/python"));
+    let python = require_tool("oras", &candidates);
+    let probe = Command::new(&python)
+        .args(["-c", "import oras.version; print(oras.version.__version__)"])
+        .output()
+        .expect("run python");
+    assert!(
+        probe.status.success(),
+        "interop client `oras` is not installed in {} (`import oras` failed: {}). Install it \
+         with `.ci/interop`, or skip it explicitly with DOCKSIDE_INTEROP_SKIP=oras",
+        python.display(),
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    eprintln!("oras-py {}", String::from_utf8_lossy(&probe.stdout).trim());
+    python
+}
+
+#[test]
+fn oras_push_pull_chunked_referrers() {
+    if skip("oras") {
+        return;
+    }
+    let python = python_with_oras();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let out = run(
+        "oras_scenario.py",
+        Command::new(python)
+            .arg(suite_dir().join("oras_scenario.py"))
+            .arg(reg.host())
+            .arg(work.path())
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost"),
+    );
+    let last = out.stdout.lines().last().unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("no report from the script ({e}):\n{}", out.stdout));
+    assert_eq!(report["mono_push"], "ok");
+    assert_eq!(report["chunked_push"], "ok");
+    assert_eq!(report["referrers"], 2);
+}
