@@ -36,6 +36,7 @@
 //! The layout of everything stored is drawn in [`layout`]; `docs/ARCHITECTURE.md` in the
 //! repository shows the layers.
 
+pub mod auth;
 mod blobs;
 mod body;
 mod digest;
@@ -61,6 +62,7 @@ mod spin_component;
 #[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
 mod wasi_component;
 
+pub use auth::AuthConfig;
 pub use body::Body;
 pub use digest::{Algorithm, Digest};
 pub use error::{Error, ErrorCode, StoreError};

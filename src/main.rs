@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dockside::{Config, DirRegistry, FsBlobs};
+use dockside::{AuthConfig, Config, DirRegistry, FsBlobs};
 
 /// dockside: an OCI Distribution registry (docker, podman, skopeo, crane, oras, containerd push
 /// to it and pull from it).
@@ -26,6 +26,16 @@ struct Cli {
 enum Command {
     /// Serve the registry over HTTP, storing in a local directory.
     Serve(ServeArgs),
+    /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
+    /// standard input (one line).
+    HashPassword(HashArgs),
+}
+
+#[derive(Args)]
+struct HashArgs {
+    /// bcrypt (cost 12) instead of argon2id.
+    #[arg(long)]
+    bcrypt: bool,
 }
 
 #[derive(Args)]
@@ -67,6 +77,13 @@ struct ServeArgs {
     /// periodically). 0 keeps them forever.
     #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
     upload_expiry_secs: u64,
+
+    /// Configuration file (TOML) with an `[auth]` table: users, rules, token settings. Without
+    /// one (and without DOCKSIDE_AUTH_CONFIG), anyone may pull and push. DOCKSIDE_AUTH_SECRET,
+    /// DOCKSIDE_AUTH_REALM, DOCKSIDE_AUTH_SERVICE, DOCKSIDE_AUTH_ISSUER and
+    /// DOCKSIDE_AUTH_TOKEN_TTL override its values.
+    #[arg(long, env = "DOCKSIDE_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +98,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::HashPassword(args) => hash_password(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -91,7 +109,50 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn hash_password(args: HashArgs) -> Result<(), String> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        eprintln!("password (it will show as you type; or pipe it in): ");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    println!("{}", dockside::auth::hash_password(password, args.bcrypt)?);
+    Ok(())
+}
+
+/// The access configuration: the `--config` file, else `DOCKSIDE_AUTH_CONFIG(_FILE)`, with the
+/// `DOCKSIDE_AUTH_*` overrides from the environment.
+fn auth_config(file: Option<&PathBuf>) -> Result<Option<AuthConfig>, String> {
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the configuration {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    AuthConfig::from_settings(|k| std::env::var(k).ok(), text.as_deref()).map_err(|e| match file {
+        Some(path) => format!("{}: {e}", path.display()),
+        None => e,
+    })
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
+    let auth = auth_config(args.config.as_ref())?;
+    match &auth {
+        None => tracing::info!("access control is off: anyone may pull, push and delete"),
+        Some(a) => tracing::info!(
+            "access control is on: service {:?}, tokens valid {} s",
+            a.service,
+            a.token_ttl
+        ),
+    }
     let config = Config {
         max_manifest_bytes: args.max_manifest_bytes,
         max_blob_bytes: args.max_blob_bytes,
@@ -99,6 +160,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         chunk_min_length: args.chunk_min_length,
         delete_enabled: !args.no_delete,
         tag_delete_enabled: !args.no_tag_delete,
+        auth: auth.map(Arc::new),
         ..Config::default()
     };
     let data = &args.data;

@@ -2,10 +2,12 @@
 //! areas (`blobs`, `uploads`, `manifests`, `lists`).
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 
+use crate::auth::{AuthConfig, Caller, Need};
 use crate::body::Body;
 use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
@@ -39,6 +41,8 @@ pub struct Config {
     /// How much of a refused request's body is read (and dropped) so the client can read the
     /// error before the connection closes.
     pub drain_limit: u64,
+    /// Access control (`[auth]`); `None`, the default, lets everyone do everything.
+    pub auth: Option<Arc<AuthConfig>>,
 }
 
 impl Default for Config {
@@ -53,6 +57,7 @@ impl Default for Config {
             max_name_length: 255,
             page_size: 1000,
             drain_limit: 64 * 1024 * 1024,
+            auth: None,
         }
     }
 }
@@ -61,7 +66,9 @@ impl Config {
     /// The configuration from `DOCKSIDE_*` settings, looked up with `get` (environment
     /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
     /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
-    /// `DOCKSIDE_NO_TAG_DELETE`. Unset means the default.
+    /// `DOCKSIDE_NO_TAG_DELETE`, and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
+    /// document), `DOCKSIDE_AUTH_CONFIG_FILE` and the overrides of
+    /// [`AuthConfig::from_settings`]. Unset means the default.
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, String> {
@@ -91,6 +98,7 @@ impl Config {
             chunk_min_length: num("DOCKSIDE_CHUNK_MIN_LENGTH")?.or(d.chunk_min_length),
             delete_enabled: !flag("DOCKSIDE_NO_DELETE")?,
             tag_delete_enabled: !flag("DOCKSIDE_NO_TAG_DELETE")?,
+            auth: AuthConfig::from_settings(&get, None)?.map(Arc::new),
             ..d
         })
     }
@@ -141,7 +149,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let (parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
         let mut body = Box::pin(body);
-        let mut resp = match self.route(&parts, &mut body).await {
+        let result = match &self.config.auth {
+            Some(auth) if parts.uri.path() == "/token" => self.token(auth, &parts, &mut body).await,
+            _ => self.route(&parts, &mut body).await,
+        };
+        let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
                 drain(&mut body, self.config.drain_limit).await;
@@ -175,7 +187,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             )
             .with_header(header::ALLOW, methods))
         };
-        match self.parse_path(parts.uri.path())? {
+        let route = self.parse_path(parts.uri.path())?;
+        let auth = self.config.auth.as_deref();
+        let caller = match auth {
+            None => Caller::unrestricted(),
+            Some(a) => a.authorize(parts, &need(&route, m), crate::auth::now_secs())?,
+        };
+        let sub = caller.subject();
+        match route {
             Route::Base => match *m {
                 Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
                 _ => allow("GET, HEAD"),
@@ -206,17 +225,62 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 _ => allow("GET, HEAD, DELETE"),
             },
             Route::UploadStart(name) => match *m {
-                Method::POST => self.start_upload(&name, &q, h, body).await,
+                Method::POST => {
+                    // Mounting from a repository the caller may not pull from is an ordinary
+                    // upload (202), as if the blob were not there: nothing leaks about `from`.
+                    let q = match q.get("from") {
+                        Some(from) if !caller.may(auth, &Need::pull(from)) => Query(
+                            q.0.into_iter()
+                                .filter(|(k, _)| k != "mount" && k != "from")
+                                .collect(),
+                        ),
+                        _ => q,
+                    };
+                    self.start_upload(&name, &q, h, body, sub).await
+                }
                 _ => allow("POST"),
             },
             Route::Upload(name, id) => match *m {
-                Method::GET => self.upload_status(&name, &id).await,
-                Method::PATCH => self.patch_upload(&name, &id, h, body).await,
-                Method::PUT => self.finish_upload(&name, &id, &q, h, body).await,
-                Method::DELETE => self.cancel_upload(&name, &id).await,
+                Method::GET => self.upload_status(&name, &id, sub).await,
+                Method::PATCH => self.patch_upload(&name, &id, h, body, sub).await,
+                Method::PUT => self.finish_upload(&name, &id, &q, h, body, sub).await,
+                Method::DELETE => self.cancel_upload(&name, &id, sub).await,
                 _ => allow("GET, PATCH, PUT, DELETE"),
             },
         }
+    }
+
+    /// `GET /token` and `POST /token`: the token endpoint, when access control is on.
+    async fn token<RB>(
+        &self,
+        auth: &AuthConfig,
+        parts: &http::request::Parts,
+        body: &mut Pin<Box<RB>>,
+    ) -> Result<RegistryResponse<B>>
+    where
+        RB: http_body::Body,
+        RB::Error: std::fmt::Display,
+    {
+        let now = crate::auth::now_secs();
+        let (status, json) = match parts.method {
+            Method::GET => auth.token_endpoint(parts, None, now)?,
+            Method::POST => {
+                let form = read_small(body, 64 * 1024).await?;
+                auth.token_endpoint(parts, Some(&form), now)?
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::Unsupported,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "the token endpoint takes GET and POST",
+                )
+                .with_header(header::ALLOW, "GET, POST"));
+            }
+        };
+        let mut resp = json_response(status, json);
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(resp)
     }
 
     /// Maps a path to a route. Names may contain `/`, so the path is read from its end: the
@@ -278,6 +342,48 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     }
 }
 
+/// What a route needs of the caller.
+fn need(route: &Route, m: &Method) -> Need {
+    match route {
+        Route::Base => Need::SignedIn,
+        Route::Catalog => Need::Catalog,
+        Route::Tags(name) | Route::Referrers(name, _) => Need::pull(name.as_str()),
+        Route::Manifest(name, _) | Route::Blob(name, _) => match *m {
+            Method::PUT if matches!(route, Route::Manifest(..)) => Need::push(name.as_str()),
+            Method::DELETE => Need::delete(name.as_str()),
+            _ => Need::pull(name.as_str()),
+        },
+        Route::UploadStart(name) | Route::Upload(name, _) => Need::push(name.as_str()),
+    }
+}
+
+/// Reads a small request body whole (the token endpoint's form), refusing more than `limit`.
+async fn read_small<RB>(body: &mut Pin<Box<RB>>, limit: usize) -> Result<Vec<u8>>
+where
+    RB: http_body::Body,
+    RB::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt;
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            Error::bad_request(ErrorCode::Unsupported, format!("reading the body: {e}"))
+        })?;
+        if let Some(d) = frame.data_ref() {
+            let d = bytes::Buf::chunk(d);
+            if out.len() + d.len() > limit {
+                return Err(Error::new(
+                    ErrorCode::SizeInvalid,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the token request is too large",
+                ));
+            }
+            out.extend_from_slice(d);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads and drops what is left of a refused request's body, up to `limit` bytes. A server
 /// that answers early and closes while the client is still sending makes many clients lose the
 /// answer to a connection reset (RFC 9112 §9.6); past the limit, closing is the lesser evil.
@@ -326,7 +432,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
 
 /// Query parameters, decoded as Go's `url.ParseQuery` does (`+` is a space), since clients
 /// written in Go encode them that way.
-pub(crate) struct Query(Vec<(String, String)>);
+pub(crate) struct Query(pub(crate) Vec<(String, String)>);
 
 impl Query {
     pub(crate) fn parse(q: &str) -> Self {

@@ -37,6 +37,9 @@ struct UploadRecord {
     /// Set by the closing PUT that won the session; the session is then gone for everyone else.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     closing: bool,
+    /// Who opened the session (with access control on): only they may go on with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
 }
 
 /// A session read from the store, with the exact bytes it was read as (for compare-and-swap).
@@ -95,13 +98,16 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
 }
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
-    async fn load_session(&self, name: &RepoName, id: &str) -> Result<Session> {
+    /// The session `id` of `name`, if `sub` opened it. Another caller's session is answered
+    /// as unknown (404 `BLOB_UPLOAD_UNKNOWN`), not 403: the id is a capability, and a 403
+    /// would confirm to a stranger that it exists.
+    async fn load_session(&self, name: &RepoName, id: &str, sub: Option<&str>) -> Result<Session> {
         let id = UploadId::parse(id)?;
         let key = layout::upload(name, &id);
         let raw = self.kv.get(&key).await?.ok_or_else(upload_unknown)?;
         let record: UploadRecord = serde_json::from_slice(&raw)
             .map_err(|e| StoreError::new(format!("corrupt upload record {key}: {e}")))?;
-        if record.closing {
+        if record.closing || record.subject.as_deref() != sub {
             return Err(upload_unknown());
         }
         Ok(Session {
@@ -141,6 +147,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         q: &Query,
         h: &HeaderMap,
         body: &mut Pin<Box<RB>>,
+        sub: Option<&str>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -173,6 +180,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             parts: Vec::new(),
             started: now_secs(),
             closing: false,
+            subject: sub.map(str::to_owned),
         };
         let key = layout::upload(name, &id);
         let raw = serde_json::to_vec(&record).expect("serializes");
@@ -354,7 +362,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         for p in &record.parts[s.record.parts.len()..] {
             self.blobs.delete(p).await?;
         }
-        match self.load_session(name, s.id.as_str()).await {
+        match self
+            .load_session(name, s.id.as_str(), s.record.subject.as_deref())
+            .await
+        {
             Ok(now) => Err(self.out_of_order(
                 name,
                 &now,
@@ -371,12 +382,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         id: &str,
         h: &HeaderMap,
         body: &mut Pin<Box<RB>>,
+        sub: Option<&str>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
         RB::Error: std::fmt::Display,
     {
-        let s = self.load_session(name, id).await?;
+        let s = self.load_session(name, id, sub).await?;
         let record = self.append(name, &s, h, body).await?;
         let raw = self.save(name, &s, &record).await?;
         let s = Session { raw, record, ..s };
@@ -394,12 +406,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         q: &Query,
         h: &HeaderMap,
         body: &mut Pin<Box<RB>>,
+        sub: Option<&str>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
         RB::Error: std::fmt::Display,
     {
-        let mut s = self.load_session(name, id).await?;
+        let mut s = self.load_session(name, id, sub).await?;
         let digest = Digest::parse(q.get("digest").ok_or_else(|| {
             Error::bad_request(
                 ErrorCode::DigestInvalid,
@@ -485,8 +498,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         &self,
         name: &RepoName,
         id: &str,
+        sub: Option<&str>,
     ) -> Result<RegistryResponse<B>> {
-        let s = self.load_session(name, id).await?;
+        let s = self.load_session(name, id, sub).await?;
         Ok(empty_response(
             StatusCode::NO_CONTENT,
             &self.session_headers(name, &s),
@@ -498,8 +512,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         &self,
         name: &RepoName,
         id: &str,
+        sub: Option<&str>,
     ) -> Result<RegistryResponse<B>> {
-        let s = self.load_session(name, id).await?;
+        let s = self.load_session(name, id, sub).await?;
         self.drop_session(&s.key, &s.id, &s.record).await?;
         Ok(empty_response(StatusCode::NO_CONTENT, &[]))
     }
