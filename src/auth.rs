@@ -183,28 +183,23 @@ impl AuthConfig {
     /// The access configuration from settings looked up with `get` (environment variables,
     /// Spin variables...), over an optional TOML document `file`:
     ///
-    /// - the TOML comes from `file`, else `DOCKSIDE_AUTH_CONFIG` (the document itself), else
-    ///   the file named by `DOCKSIDE_AUTH_CONFIG_FILE`;
+    /// - the TOML comes from `file`, else `DOCKSIDE_AUTH_CONFIG` (the document itself; adapters
+    ///   with a filesystem may fill it from a file, as the wasi:http component does with
+    ///   `DOCKSIDE_AUTH_CONFIG_FILE`);
     /// - `DOCKSIDE_AUTH_SECRET`, `DOCKSIDE_AUTH_REALM`, `DOCKSIDE_AUTH_SERVICE`,
     ///   `DOCKSIDE_AUTH_ISSUER` and `DOCKSIDE_AUTH_TOKEN_TTL` override its fields.
     ///
-    /// `Ok(None)` when there is no `[auth]` table anywhere: access control is off.
+    /// `Ok(None)` when there is no `[auth]` table anywhere: access control is off. Reads no
+    /// file itself (the Spin component has no filesystem).
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
         file: Option<&str>,
     ) -> Result<Option<Self>, String> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
-        let text =
-            match (file, get("DOCKSIDE_AUTH_CONFIG")) {
-                (Some(t), _) => Some(t.to_owned()),
-                (None, Some(t)) => Some(t),
-                (None, None) => match get("DOCKSIDE_AUTH_CONFIG_FILE") {
-                    Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
-                        format!("cannot read DOCKSIDE_AUTH_CONFIG_FILE {path}: {e}")
-                    })?),
-                    None => None,
-                },
-            };
+        let text = match file {
+            Some(t) => Some(t.to_owned()),
+            None => get("DOCKSIDE_AUTH_CONFIG"),
+        };
         match text {
             None => Ok(None),
             Some(t) => Self::from_toml_with(&t, get),
@@ -893,7 +888,13 @@ impl AuthConfig {
             return Err("token not valid yet");
         }
         Ok(Claims {
-            sub: claims.sub,
+            // External subjects live in their issuer's namespace, apart from our users (upload
+            // sessions are bound to the subject).
+            sub: if external && !claims.sub.is_empty() {
+                format!("{issuer}#{}", claims.sub)
+            } else {
+                claims.sub
+            },
             access: claims.access,
             external,
         })

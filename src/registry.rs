@@ -67,8 +67,7 @@ impl Config {
     /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
     /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
     /// `DOCKSIDE_NO_TAG_DELETE`, and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
-    /// document), `DOCKSIDE_AUTH_CONFIG_FILE` and the overrides of
-    /// [`AuthConfig::from_settings`]. Unset means the default.
+    /// document) and the overrides of [`AuthConfig::from_settings`]. Unset means the default.
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, String> {

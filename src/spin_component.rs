@@ -7,6 +7,13 @@
 //!
 //! Spin may run a fresh instance per request or serve several requests at once from one
 //! instance: nothing here is kept between requests, and there are no globals.
+//!
+//! Settings are Spin variables (declared in `spin.toml`): `auth_config` (the access
+//! configuration, a TOML document with an `[auth]` table), `auth_secret` (the token signing
+//! secret, a Spin secret), `auth_realm`, `auth_service`, `auth_issuer`, `auth_token_ttl`, and the
+//! limits `max_manifest_bytes`, `max_blob_bytes`, `max_chunk_bytes`, `chunk_min_length`,
+//! `no_delete`, `no_tag_delete`: each is the `DOCKSIDE_*` setting of the same name, lower-cased
+//! without the prefix. Empty means unset.
 
 use std::rc::Rc;
 
@@ -31,17 +38,56 @@ async fn respond(req: Request) -> Response {
         Ok(s) => SpinKv(Rc::new(s)),
         Err(e) => {
             // The registry's error envelope needs a registry; answer in the same shape.
-            let body = serde_json::json!({"errors": [{"code": "UNKNOWN",
-                "message": format!("cannot open the key-value store \"default\": {e:?}")}]});
-            return http::Response::builder()
-                .status(500)
-                .header("content-type", "application/json")
-                .body(Body::full(body.to_string()))
-                .expect("a valid response");
+            return plain_error(format!(
+                "cannot open the key-value store \"default\": {e:?}"
+            ));
         }
     };
-    let registry = Registry::new(store.clone(), KvBlobs::new(store), Config::default());
+    let config = match config().await {
+        Ok(c) => c,
+        Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
+    };
+    let registry = Registry::new(store.clone(), KvBlobs::new(store), config);
     registry.handle(req).await
+}
+
+/// The Spin variables read, by the `DOCKSIDE_*` setting each stands for.
+const VARIABLES: &[(&str, &str)] = &[
+    ("DOCKSIDE_AUTH_CONFIG", "auth_config"),
+    ("DOCKSIDE_AUTH_SECRET", "auth_secret"),
+    ("DOCKSIDE_AUTH_REALM", "auth_realm"),
+    ("DOCKSIDE_AUTH_SERVICE", "auth_service"),
+    ("DOCKSIDE_AUTH_ISSUER", "auth_issuer"),
+    ("DOCKSIDE_AUTH_TOKEN_TTL", "auth_token_ttl"),
+    ("DOCKSIDE_MAX_MANIFEST_BYTES", "max_manifest_bytes"),
+    ("DOCKSIDE_MAX_BLOB_BYTES", "max_blob_bytes"),
+    ("DOCKSIDE_MAX_CHUNK_BYTES", "max_chunk_bytes"),
+    ("DOCKSIDE_CHUNK_MIN_LENGTH", "chunk_min_length"),
+    ("DOCKSIDE_NO_DELETE", "no_delete"),
+    ("DOCKSIDE_NO_TAG_DELETE", "no_tag_delete"),
+];
+
+/// The configuration from Spin variables. A variable the manifest does not declare is unset.
+async fn config() -> Result<Config, String> {
+    let mut values = Vec::new();
+    for (setting, variable) in VARIABLES {
+        match spin_sdk::variables::get(*variable).await {
+            Ok(v) if !v.trim().is_empty() => values.push((*setting, v)),
+            Ok(_) | Err(spin_sdk::variables::Error::Undefined(_)) => {}
+            Err(e) => return Err(format!("Spin variable {variable}: {e:?}")),
+        }
+    }
+    Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))
+}
+
+/// An error answered before the core runs, in the registry's error envelope.
+fn plain_error(message: String) -> Response {
+    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]});
+    http::Response::builder()
+        .status(500)
+        .header("content-type", "application/json")
+        .body(Body::full(body.to_string()))
+        .expect("a valid response")
 }
 
 /// Spin's key-value store as the core's [`KeyValue`]. Cloning shares the store.

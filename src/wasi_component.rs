@@ -9,7 +9,10 @@
 //! blocking on `wasi:io/poll` when it waits for the network.
 //!
 //! Settings come from the environment (`wasmtime serve --env NAME=VALUE`): `DOCKSIDE_DATA`
-//! (default `/data`) and the `DOCKSIDE_*` limits of [`Config::from_settings`].
+//! (default `/data`), the `DOCKSIDE_*` limits of [`Config::from_settings`], and access control:
+//! `DOCKSIDE_AUTH_CONFIG` (the TOML itself) or `DOCKSIDE_AUTH_CONFIG_FILE` (a file in a
+//! preopened directory), `DOCKSIDE_AUTH_SECRET` and the other `DOCKSIDE_AUTH_*` overrides. A
+//! broken access configuration answers every request with 500 rather than serve unprotected.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -46,7 +49,22 @@ impl wasi::exports::http::incoming_handler::Guest for Component {
 }
 
 fn open() -> Result<DirRegistry, String> {
-    let config = Config::from_settings(|k| std::env::var(k).ok())?;
+    // DOCKSIDE_AUTH_CONFIG_FILE: the access configuration from a file in a preopened directory.
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let auth_file = match (
+        env("DOCKSIDE_AUTH_CONFIG"),
+        env("DOCKSIDE_AUTH_CONFIG_FILE"),
+    ) {
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read DOCKSIDE_AUTH_CONFIG_FILE {path}: {e}"))?,
+        ),
+        _ => None,
+    };
+    let config = Config::from_settings(|k| match (k, &auth_file) {
+        ("DOCKSIDE_AUTH_CONFIG", Some(text)) => Some(text.clone()),
+        _ => env(k),
+    })?;
     let data = std::env::var("DOCKSIDE_DATA").unwrap_or_else(|_| "/data".to_owned());
     DirRegistry::open_dir(&data, config).map_err(|e| {
         format!(
@@ -91,8 +109,14 @@ fn to_http(req: IncomingRequest) -> Result<http::Request<WasiBody>, String> {
     // The core routes on the path and query only.
     let uri = req.path_with_query().unwrap_or_else(|| "/".to_owned());
     let mut builder = http::Request::builder().method(method).uri(uri);
+    let mut has_host = false;
     for (name, value) in req.headers().entries() {
+        has_host |= name.eq_ignore_ascii_case("host");
         builder = builder.header(name, value);
+    }
+    // The token realm is derived from the host when not configured.
+    if !has_host && let Some(authority) = req.authority() {
+        builder = builder.header(http::header::HOST, authority);
     }
     let body = req.consume().map_err(|()| "request body already taken")?;
     let stream = body

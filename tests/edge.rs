@@ -38,12 +38,22 @@ fn required_env(name: &str) -> String {
 
 /// Starts `wasmtime serve` on a free loopback port with a fresh data directory.
 fn serve() -> Wasmtime {
+    serve_with(&[], |_| {})
+}
+
+/// [`serve`] with `--env NAME=VALUE` settings, after `prepare` has filled the data directory.
+fn serve_with(env: &[(&str, String)], prepare: impl FnOnce(&std::path::Path)) -> Wasmtime {
     let wasmtime = required_env("DOCKSIDE_WASMTIME");
     let component = required_env("DOCKSIDE_WASI_COMPONENT");
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(&wasmtime)
-        .args(["serve", "-Scli", "--addr", "127.0.0.1:0", "--dir"])
-        .arg(format!("{}::/data", data.path().display()))
+    prepare(data.path());
+    let mut cmd = Command::new(&wasmtime);
+    cmd.args(["serve", "-Scli", "--addr", "127.0.0.1:0", "--dir"])
+        .arg(format!("{}::/data", data.path().display()));
+    for (k, v) in env {
+        cmd.arg("--env").arg(format!("{k}={v}"));
+    }
+    let mut child = cmd
         .arg(&component)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -257,4 +267,217 @@ async fn push_and_pull_through_the_wasi_component() {
         r.headers()["content-length"].to_str().unwrap(),
         layer0.len().to_string()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access control, enforced by the component
+
+const SECRET: &str = "edge-instances-share-this-secret-0123456789";
+
+fn auth_toml() -> String {
+    format!(
+        r#"
+[auth]
+service = "edge"
+
+[[auth.users]]
+name = "alice"
+password_hash = "{}"
+
+[[auth.users]]
+name = "mallory"
+password_hash = "{}"
+
+[[auth.rules]]
+repositories = ["team/**"]
+users = ["alice", "mallory"]
+actions = ["pull", "push"]
+
+[[auth.rules]]
+repositories = ["public/*"]
+users = ["anonymous"]
+actions = ["pull"]
+
+[[auth.rules]]
+repositories = ["public/*"]
+users = ["alice"]
+actions = ["push"]
+"#,
+        bcrypt::hash("alice-pw", 4).unwrap(),
+        bcrypt::hash("mallory-pw", 4).unwrap()
+    )
+}
+
+async fn get_token(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+    pw: &str,
+    scope: &str,
+) -> String {
+    let r = http
+        .get(format!("{base}/token?service=edge&scope={scope}"))
+        .basic_auth(user, Some(pw))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j: serde_json::Value = r.json().await.unwrap();
+    j["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn access_control_in_the_wasi_component() {
+    let w = serve_with(
+        &[
+            ("DOCKSIDE_AUTH_CONFIG", auth_toml()),
+            ("DOCKSIDE_AUTH_SECRET", SECRET.to_owned()),
+        ],
+        |_| {},
+    );
+    let base = format!("http://{}", w.addr);
+    let http = reqwest::Client::new();
+
+    // Anonymous: 401 with a challenge whose realm is this host.
+    let r = http.get(format!("{base}/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"].to_str().unwrap(),
+        format!("Bearer realm=\"{base}/token\",service=\"edge\"")
+    );
+    let r = http
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // oci-client logs in (Bearer challenge, token endpoint) and pushes; anonymous pulls public/.
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let alice = RegistryAuth::Basic("alice".into(), "alice-pw".into());
+    let layers = vec![ImageLayer::oci_v1(
+        pseudo_random(5 * 1024 * 1024 + 1, 4),
+        None,
+    )];
+    let config = Config::oci_v1(br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), None);
+    let image: Reference = format!("{}/public/app:v1", w.addr).parse().unwrap();
+    client
+        .push(&image, &layers, config.clone(), &alice, None)
+        .await
+        .expect("alice pushes through the component");
+    let anon = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let pulled = anon
+        .pull(
+            &image,
+            &RegistryAuth::Anonymous,
+            vec![oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE],
+        )
+        .await
+        .expect("anonymous pull of public/app");
+    assert_eq!(sha256(&pulled.layers[0].data), sha256(&layers[0].data));
+    let fresh = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let err = fresh
+        .push(
+            &format!("{}/public/app:anon", w.addr).parse().unwrap(),
+            &layers,
+            config,
+            &RegistryAuth::Anonymous,
+            None,
+        )
+        .await;
+    assert!(err.is_err(), "an anonymous push went through");
+
+    // Wrong password; a tampered token; alg none.
+    let r = http
+        .get(format!(
+            "{base}/token?service=edge&scope=repository:team/app:pull"
+        ))
+        .basic_auth("alice", Some("nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let t = get_token(
+        &http,
+        &base,
+        "alice",
+        "alice-pw",
+        "repository:team/app:pull,push",
+    )
+    .await;
+    let mut tampered = t.clone();
+    tampered.pop();
+    tampered.push(if t.ends_with('A') { 'B' } else { 'A' });
+    let none = {
+        let mut p = t.split('.');
+        let _ = p.next();
+        format!("eyJhbGciOiJub25lIn0.{}.", p.next().unwrap())
+    };
+    for bad in [&tampered, &none] {
+        let r = http
+            .get(format!("{base}/v2/team/app/tags/list"))
+            .bearer_auth(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{bad}");
+    }
+
+    // An upload session is its opener's alone, on every instance.
+    let r = http
+        .post(format!("{base}/v2/team/app/blobs/uploads/"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_owned();
+    let m = get_token(
+        &http,
+        &base,
+        "mallory",
+        "mallory-pw",
+        "repository:team/app:pull,push",
+    )
+    .await;
+    let r = http
+        .patch(format!("{base}{loc}"))
+        .bearer_auth(&m)
+        .body("evil")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(format!("{base}{loc}"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    drop(w);
+
+    // The configuration from a file in the preopened directory; without a secret the
+    // component refuses to serve (500) rather than run open.
+    let w = serve_with(
+        &[("DOCKSIDE_AUTH_CONFIG_FILE", "/data/auth.toml".to_owned())],
+        |dir| std::fs::write(dir.join("auth.toml"), auth_toml()).unwrap(),
+    );
+    let r = http
+        .get(format!("http://{}/v2/public/app/tags/list", w.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("no token secret"), "{body}");
 }
