@@ -621,9 +621,10 @@ impl AuthConfig {
     ///
     /// - no credentials, and what everyone may do is not enough: 401 with a challenge;
     /// - bad credentials (wrong password, bad, expired or tampered token): 401;
-    /// - a valid token lacking the access, whose subject could get it: 401 with
-    ///   `error="insufficient_scope"` (the client fetches a token for the scope);
-    /// - a known user who may not do this: 403 `DENIED`.
+    /// - a valid anonymous token lacking the access: 401 with a challenge;
+    /// - a valid token lacking the access, whose subject could get it: 403 `DENIED` with a
+    ///   challenge carrying `error="insufficient_scope"` (the client fetches a token for it);
+    /// - a known user who may not do this: 403 `DENIED`, no challenge.
     ///
     /// Nothing here reads storage: the answer is the same whether the repository exists or not.
     pub(crate) fn authorize(
@@ -679,14 +680,24 @@ impl AuthConfig {
                 return Ok(caller);
             }
             return match (&caller.subject, claims.external) {
+                // An anonymous token: signing in is the remedy.
+                (None, _) => Err(self.challenge(parts, need, None, "authentication required")),
                 // A user of ours who may not do this whatever token they fetch.
                 (Some(u), false) if !self.rules_allow(Some(u), need) => Err(denied(need)),
-                _ => Err(self.challenge(
-                    parts,
-                    need,
-                    Some("insufficient_scope"),
-                    "the token does not grant this access",
-                )),
+                // A token for less than its subject may have: 403 with a challenge naming the
+                // scope (RFC 6750 §3.1, `insufficient_scope`), which clients that ask for a
+                // narrow token first (oras-py) answer by fetching a wider one.
+                _ => {
+                    let mut e = self.challenge(
+                        parts,
+                        need,
+                        Some("insufficient_scope"),
+                        "the token does not grant this access",
+                    );
+                    e.code = ErrorCode::Denied;
+                    e.status = StatusCode::FORBIDDEN;
+                    Err(e)
+                }
             };
         }
         Err(self.challenge(parts, need, None, "unsupported authorization scheme"))

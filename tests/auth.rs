@@ -166,6 +166,18 @@ impl Resp {
         assert!(c.starts_with("Bearer realm=\""), "{c}");
         c
     }
+    /// A 403 `DENIED` with a challenge for a wider token; returns the challenge.
+    #[track_caller]
+    fn insufficient(&self) -> String {
+        self.expect(403);
+        assert_eq!(self.code(), "DENIED");
+        let c = self
+            .header("www-authenticate")
+            .expect("a challenge")
+            .to_owned();
+        assert!(c.contains("error=\"insufficient_scope\""), "{c}");
+        c
+    }
     #[track_caller]
     fn denied(&self) {
         self.expect(403);
@@ -754,27 +766,34 @@ async fn token_for_repo_a_used_on_repo_b() {
         &["repository:team-a/a:pull,push"],
     )
     .await;
-    // Alice may have team-a/b, with another token: 401 insufficient_scope.
-    let c = call(
+    // Alice may have team-a/b, with another token: 403 with a challenge for the scope.
+    let resp = call(
         &r,
         "GET",
         "/v2/team-a/b/manifests/v1",
         Cred::Bearer(&t),
         b"",
     )
-    .await
-    .unauthorized();
+    .await;
+    resp.expect(403);
+    assert_eq!(resp.code(), "DENIED");
+    let c = resp.header("www-authenticate").unwrap();
     assert!(c.contains("scope=\"repository:team-a/b:pull\""), "{c}");
     assert!(c.contains("error=\"insufficient_scope\""), "{c}");
-    call(
+    let resp = call(
         &r,
         "POST",
         "/v2/team-a/b/blobs/uploads/",
         Cred::Bearer(&t),
         b"",
     )
-    .await
-    .unauthorized();
+    .await;
+    resp.expect(403);
+    assert!(
+        resp.header("www-authenticate")
+            .unwrap()
+            .contains("repository:team-a/b:pull,push")
+    );
     // Never team-b/x: 403 DENIED.
     call(
         &r,
@@ -1366,10 +1385,10 @@ async fn external_issuer_tokens() {
         )
         .await
         .expect(202);
-        // Its access claim is all it grants.
+        // Its access claim is all it grants: 403, and a challenge to fetch a wider token.
         let c = call(&r, "GET", "/v2/ext/other/tags/list", Cred::Bearer(&t), b"")
             .await
-            .unauthorized();
+            .insufficient();
         assert!(
             c.starts_with("Bearer realm=\"https://auth.example/token\",service=\"test-registry\""),
             "{c}"

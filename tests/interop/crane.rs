@@ -7,7 +7,8 @@ use std::process::Command;
 
 use crate::interop::image::{self, OCI_INDEX, Rng, random_image, write_layout};
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, Output, Registry, get, require_tool, run, sha256, skip, tools_dir,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry, get, require_tool,
+    requires_auth, run, run_failing, sha256, skip, tools_dir,
 };
 
 fn crane_bin() -> PathBuf {
@@ -183,4 +184,66 @@ fn crane_catalog_ls_digest_manifest_copy_tag_append_validate_blob_delete() {
         crane(&["digest", &copied]).stdout.trim(),
         img.manifest.digest
     );
+}
+
+/// Access control: `crane auth login` (credentials in a DOCKER_CONFIG of the test's own), push,
+/// ls, catalog (a grant of its own), manifest; a wrong password and no login are refused.
+#[test]
+fn crane_auth_login_push_catalog() {
+    if skip("crane") {
+        return;
+    }
+    let (reg, config) = Registry::start_with_auth();
+    let host = reg.host();
+    assert!(requires_auth(&reg.base_url(), "private/crane"));
+    let docker_config = config.path().join("docker");
+    let crane_cmd = |args: &[&str]| {
+        let mut c = Command::new(crane_bin());
+        c.env("DOCKER_CONFIG", &docker_config)
+            .arg("--insecure")
+            .args(args);
+        c
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let img = random_image(&mut Rng::from_entropy(), "linux", "amd64", 1);
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, &img.blobs(), &[(&img.manifest, "v1")]);
+    let layout = layout.to_str().expect("utf-8");
+    let dest = format!("{host}/private/crane:v1");
+
+    run_failing(
+        "push before login",
+        &mut crane_cmd(&["push", layout, &dest]),
+    );
+    run(
+        "crane auth login (wrong password)",
+        &mut crane_cmd(&["auth", "login", &host, "-u", AUTH_USER, "-p", "wrong"]),
+    );
+    run_failing(
+        "push with a wrong password",
+        &mut crane_cmd(&["push", layout, &dest]),
+    );
+    run(
+        "crane auth login",
+        &mut crane_cmd(&["auth", "login", &host, "-u", AUTH_USER, "-p", AUTH_PASSWORD]),
+    );
+    run("crane push", &mut crane_cmd(&["push", layout, &dest]));
+    let m = run("crane manifest", &mut crane_cmd(&["manifest", &dest]));
+    assert_eq!(m.raw, img.manifest.data);
+    let ls = run(
+        "crane ls",
+        &mut crane_cmd(&["ls", &format!("{host}/private/crane")]),
+    );
+    assert_eq!(ls.stdout.trim(), "v1");
+    let cat = run("crane catalog", &mut crane_cmd(&["catalog", &host]));
+    assert!(
+        cat.stdout.lines().any(|l| l == "private/crane"),
+        "{}",
+        cat.stdout
+    );
+    // Without the credentials: refused.
+    let mut anon = Command::new(crane_bin());
+    anon.env("DOCKER_CONFIG", tmp.path().join("empty"))
+        .args(["--insecure", "manifest", &dest]);
+    run_failing("anonymous manifest of a private image", &mut anon);
 }

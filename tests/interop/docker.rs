@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::interop::image::{self, DOCKER_MANIFEST, OCI_INDEX, Rng, random_image};
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, Output, Registry, get, push_index, require_tool, run, run_failing,
-    sha256, skip, tags, try_run, version_of,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry, get, push_index,
+    require_tool, requires_auth, run, run_failing, sha256, skip, tags, try_run, version_of,
 };
 
 /// A dockerd process of the test's own.
@@ -366,4 +366,49 @@ fn containerd_ctr_pull_push() {
     ]);
     ctr(&["images", "rm", &by_digest]);
     ctr(&["content", "prune", "references"]);
+}
+
+/// Access control: `docker login` (the Bearer challenge, the token endpoint, the refresh token
+/// docker keeps), push, pull, `docker logout`; anonymous pull of a public repository.
+#[test]
+fn docker_login_push_pull_logout() {
+    if skip("docker") {
+        return;
+    }
+    let d = Dockerd::start();
+    let (reg, _config) = Registry::start_with_auth();
+    let host = reg.host();
+    assert!(requires_auth(&reg.base_url(), "private/app"));
+
+    let ctx = tempfile::tempdir().expect("tmp");
+    std::fs::write(ctx.path().join("f.bin"), Rng::from_entropy().bytes(200_000)).expect("write");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY f.bin /f.bin\nCMD [\"/f.bin\"]\n",
+    )
+    .expect("write the Dockerfile");
+    let image = format!("{host}/private/app:v1");
+    let public = format!("{host}/public/app:v1");
+    d.docker(&["build", "-t", &image, ctx.path().to_str().expect("utf-8")]);
+    d.docker(&["tag", &image, &public]);
+
+    run_failing("push before login", d.cmd().args(["push", &image]));
+    run_failing(
+        "login with a wrong password",
+        d.cmd()
+            .args(["login", &host, "-u", AUTH_USER, "-p", "wrong-password"]),
+    );
+    d.docker(&["login", &host, "-u", AUTH_USER, "-p", AUTH_PASSWORD]);
+    d.docker(&["push", &image]);
+    d.docker(&["push", &public]);
+    d.docker(&["rmi", &image, &public]);
+    d.docker(&["pull", &image]);
+
+    d.docker(&["logout", &host]);
+    d.docker(&["rmi", &image]);
+    run_failing(
+        "pull of a private image after logout",
+        d.cmd().args(["pull", &image]),
+    );
+    d.docker(&["pull", &public]);
 }

@@ -311,6 +311,24 @@ impl Registry {
         Registry::start_with(&[])
     }
 
+    /// A server with access control on (`--config`, see [`AUTH_CONFIG`]): [`AUTH_USER`] may do
+    /// everything (catalog included), everyone may pull `public/*`. The returned directory holds
+    /// the configuration; keep it while the server runs.
+    pub fn start_with_auth() -> (Registry, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("a configuration directory");
+        let path = dir.path().join("dockside.toml");
+        let hash = bcrypt::hash(AUTH_PASSWORD, 4).expect("bcrypt");
+        std::fs::write(&path, AUTH_CONFIG.replace("@HASH@", &hash)).expect("write the config");
+        let reg = Registry::start_with(&["--config", path.to_str().expect("a UTF-8 path")]);
+        assert!(
+            reg.log_lines()
+                .iter()
+                .any(|l| l.contains("access control is on")),
+            "the server did not turn access control on"
+        );
+        (reg, dir)
+    }
+
     /// `127.0.0.1:PORT`: the registry host as clients name it in image references.
     pub fn host(&self) -> String {
         self.addr.to_string()
@@ -360,6 +378,43 @@ impl Drop for Registry {
             );
         }
     }
+}
+
+/// The user of [`Registry::start_with_auth`] and their password.
+pub const AUTH_USER: &str = "interop";
+pub const AUTH_PASSWORD: &str = "interop-Pa55word";
+
+/// The access configuration of [`Registry::start_with_auth`] (`@HASH@` is the password hash).
+pub const AUTH_CONFIG: &str = r#"
+[auth]
+service = "dockside-interop"
+secret = "interop-secret-interop-secret-interop-secret"
+
+[[auth.users]]
+name = "interop"
+password_hash = "@HASH@"
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["interop"]
+actions = ["pull", "push", "delete"]
+
+[[auth.rules]]
+catalog = true
+users = ["interop"]
+
+[[auth.rules]]
+repositories = ["public/*"]
+users = ["anonymous"]
+actions = ["pull"]
+"#;
+
+/// Whether an anonymous request is refused with a Bearer challenge (access control is really on).
+pub fn requires_auth(base: &str, repo: &str) -> bool {
+    let r = get(&format!("{base}/v2/{repo}/tags/list"), None);
+    r.status == 401
+        && r.header("www-authenticate")
+            .is_some_and(|c| c.starts_with("Bearer realm="))
 }
 
 // ---------------------------------------------------------------------------------------------

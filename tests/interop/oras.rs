@@ -6,7 +6,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::interop::{Registry, require_tool, run, skip, suite_dir, tools_dir};
+use crate::interop::{
+    AUTH_PASSWORD, AUTH_USER, Registry, require_tool, requires_auth, run, skip, suite_dir,
+    tools_dir,
+};
 
 /// The Python that has `oras` installed: `DOCKSIDE_INTEROP_PYTHON`, else the virtual
 /// environment under the tools directory.
@@ -55,4 +58,35 @@ fn oras_push_pull_chunked_referrers() {
     assert_eq!(report["mono_push"], "ok");
     assert_eq!(report["chunked_push"], "ok");
     assert_eq!(report["referrers"], 2);
+}
+
+/// Access control: oras-py with credentials (`login`, then push and pull through the token
+/// endpoint, widening its token on a 403 `insufficient_scope` challenge); anonymous push refused.
+#[test]
+fn oras_login_push_pull() {
+    if skip("oras") {
+        return;
+    }
+    let python = python_with_oras();
+    let (reg, _config) = Registry::start_with_auth();
+    assert!(requires_auth(&reg.base_url(), "private/oras"));
+    let work = tempfile::tempdir().expect("tmp");
+    let out = run(
+        "oras_login_scenario.py",
+        Command::new(python)
+            .arg(suite_dir().join("oras_login_scenario.py"))
+            .arg(reg.host())
+            .arg(work.path())
+            .env("DOCKSIDE_USER", AUTH_USER)
+            .env("DOCKSIDE_PASSWORD", AUTH_PASSWORD)
+            .env("HOME", work.path())
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("no_proxy", "127.0.0.1,localhost"),
+    );
+    let last = out.stdout.lines().last().unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("no report from the script ({e}):\n{}", out.stdout));
+    assert_eq!(report["anonymous_push"], "refused");
+    assert_eq!(report["push"], "ok");
+    assert_eq!(report["pull"], "ok");
 }

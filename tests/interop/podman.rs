@@ -10,8 +10,8 @@ use crate::interop::image::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Rng, random_image,
 };
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, Output, Registry, get, push_index, require_tool, run, sha256, skip, tags,
-    version_of,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry, get, push_index,
+    require_tool, requires_auth, run, run_failing, sha256, skip, tags, version_of,
 };
 
 /// podman or buildah with storage under `dir`.
@@ -326,4 +326,79 @@ fn podman_and_buildah_build_push_pull_push_elsewhere() {
         assert_eq!(entries.len(), 1, "{}", String::from_utf8_lossy(&list.body));
         assert_eq!(entries[0]["digest"], digest.as_str());
     }
+}
+
+/// Access control: `podman login` (wrong password refused), push, pull, `podman logout`.
+#[test]
+fn podman_login_push_pull_logout() {
+    if skip("podman") {
+        return;
+    }
+    let (reg, config) = Registry::start_with_auth();
+    let host = reg.host();
+    assert!(requires_auth(&reg.base_url(), "private/app"));
+    let work = tempfile::Builder::new()
+        .prefix("dspod-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let store = work.path().join("store");
+    std::fs::create_dir_all(store.join("tmp")).expect("mkdir");
+    let authfile = config.path().join("auth.json");
+    let authfile = authfile.to_str().expect("utf-8");
+    let ctx = work.path().join("ctx");
+    context(&mut Rng::from_entropy(), &ctx);
+    let ctx_s = ctx.to_str().expect("utf-8");
+    let image = format!("{host}/private/podman:v1");
+    sh(
+        "podman",
+        &store,
+        &[
+            "build",
+            "--isolation",
+            "chroot",
+            "-t",
+            &image,
+            "-f",
+            &format!("{ctx_s}/Containerfile"),
+            ctx_s,
+        ],
+    );
+    let push = ["push", "--tls-verify=false", "--authfile", authfile, &image];
+    run_failing("push before login", tool("podman", &store).args(push));
+    run_failing(
+        "login with a wrong password",
+        tool("podman", &store).args([
+            "login",
+            "--tls-verify=false",
+            "--authfile",
+            authfile,
+            "-u",
+            AUTH_USER,
+            "-p",
+            "wrong-password",
+            &host,
+        ]),
+    );
+    sh(
+        "podman",
+        &store,
+        &[
+            "login",
+            "--tls-verify=false",
+            "--authfile",
+            authfile,
+            "-u",
+            AUTH_USER,
+            "-p",
+            AUTH_PASSWORD,
+            &host,
+        ],
+    );
+    sh("podman", &store, &push);
+    sh("podman", &store, &["rmi", &image]);
+    let pull = ["pull", "--tls-verify=false", "--authfile", authfile, &image];
+    sh("podman", &store, &pull);
+    sh("podman", &store, &["logout", "--authfile", authfile, &host]);
+    sh("podman", &store, &["rmi", &image]);
+    run_failing("pull after logout", tool("podman", &store).args(pull));
 }

@@ -7,7 +7,10 @@ use std::process::Command;
 use crate::interop::image::{
     self, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Rng, random_image, write_layout,
 };
-use crate::interop::{ACCEPT_ALL_MANIFESTS, Registry, get, require_tool, run, sha256, skip};
+use crate::interop::{
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Registry, get, require_tool, requires_auth,
+    run, run_failing, sha256, skip,
+};
 
 fn skopeo() -> Command {
     let bin = require_tool("skopeo", &[PathBuf::from("skopeo")]);
@@ -255,4 +258,65 @@ fn skopeo_copy_oci_v2s2_multiarch_inspect_list_delete() {
         Some(ACCEPT_ALL_MANIFESTS),
     );
     assert_eq!(still.status, 200);
+}
+
+/// Access control: `skopeo copy --dest-creds`, `inspect --creds`, wrong and missing
+/// credentials refused, anonymous reads of a public repository.
+#[test]
+fn skopeo_with_credentials() {
+    if skip("skopeo") {
+        return;
+    }
+    let (reg, _config) = Registry::start_with_auth();
+    let host = reg.host();
+    assert!(requires_auth(&reg.base_url(), "private/sk"));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut rng = Rng::from_entropy();
+    let img = random_image(&mut rng, "linux", "amd64", 2);
+    let layout = tmp.path().join("layout");
+    write_layout(&layout, &img.blobs(), &[(&img.manifest, "v1")]);
+    let src = oci_ref(&layout, "v1");
+    let creds = format!("{AUTH_USER}:{AUTH_PASSWORD}");
+    let private = format!("docker://{host}/private/sk:v1");
+    let public = format!("docker://{host}/public/sk:v1");
+
+    let copy_cmd = |extra: &[&str], to: &str| {
+        let mut c = skopeo();
+        c.args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(&src)
+            .arg(to);
+        c
+    };
+    run_failing("copy without credentials", &mut copy_cmd(&[], &private));
+    run_failing(
+        "copy with a wrong password",
+        &mut copy_cmd(&["--dest-creds", &format!("{AUTH_USER}:wrong")], &private),
+    );
+    copy(&["--dest-creds", &creds], &src, &private);
+    copy(&["--dest-creds", &creds], &src, &public);
+
+    let raw = run(
+        "inspect --raw --creds",
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false", "--creds", &creds])
+            .arg(&private),
+    );
+    assert_eq!(raw.raw, img.manifest.data);
+    run_failing(
+        "inspect of a private image without credentials",
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(&private),
+    );
+    let anon = run(
+        "anonymous inspect of a public image",
+        skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(&public),
+    );
+    assert_eq!(anon.raw, img.manifest.data);
+    // And back out with credentials.
+    let back = tmp.path().join("back");
+    copy(&["--src-creds", &creds], &private, &oci_ref(&back, "v1"));
 }
