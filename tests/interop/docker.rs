@@ -412,3 +412,106 @@ fn docker_login_push_pull_logout() {
     );
     d.docker(&["pull", &public]);
 }
+
+/// Access control with containerd's `ctr --user`: containerd asks for tokens with the OAuth2
+/// form (`POST /token`, `grant_type=password`), falling back to GET only on 404/405.
+#[test]
+fn containerd_ctr_with_credentials() {
+    if skip("containerd") || skip("docker") {
+        return;
+    }
+    let ctr_bin = require_tool(
+        "containerd",
+        &[PathBuf::from("/usr/bin/ctr"), PathBuf::from("ctr")],
+    );
+    let d = Dockerd::start();
+    let sock = d.dir.path().join("exec/containerd/containerd.sock");
+    let ctr = |args: &[&str]| -> Command {
+        let mut c = Command::new(&ctr_bin);
+        c.arg("--address")
+            .arg(&sock)
+            .args(["--namespace", "dockside-interop-auth"])
+            .args(args);
+        c
+    };
+    let (reg, _config) = Registry::start_with_auth();
+    let host = reg.host();
+    let base = reg.base_url();
+    assert!(requires_auth(&base, "private/ctr"));
+
+    // Seed an image with Basic credentials straight on /v2/.
+    let basic = {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{AUTH_USER}:{AUTH_PASSWORD}"))
+        )
+    };
+    let img = random_image(&mut Rng::from_entropy(), "linux", "amd64", 1);
+    for b in img.layers.iter().chain([&img.config]) {
+        let r = crate::interop::http(
+            "POST",
+            &format!("{base}/v2/private/ctr/blobs/uploads/?digest={}", b.digest),
+            &[("authorization", &basic)],
+            b.data.clone(),
+        );
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let r = crate::interop::http(
+        "PUT",
+        &format!("{base}/v2/private/ctr/manifests/v1"),
+        &[
+            ("authorization", &basic),
+            ("content-type", img.manifest.media_type.as_str()),
+        ],
+        img.manifest.data.clone(),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    let src = format!("{host}/private/ctr:v1");
+    let creds = format!("{AUTH_USER}:{AUTH_PASSWORD}");
+    run_failing(
+        "ctr pull without credentials",
+        &mut ctr(&["images", "pull", "--plain-http", &src]),
+    );
+    run_failing(
+        "ctr pull with a wrong password",
+        &mut ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--user",
+            &format!("{AUTH_USER}:wrong"),
+            &src,
+        ]),
+    );
+    run(
+        "ctr pull --user",
+        &mut ctr(&["images", "pull", "--plain-http", "--user", &creds, &src]),
+    );
+    let copy = format!("{host}/private/ctr-copy:v1");
+    run("ctr tag", &mut ctr(&["images", "tag", &src, &copy]));
+    run(
+        "ctr push --user",
+        &mut ctr(&["images", "push", "--plain-http", "--user", &creds, &copy]),
+    );
+    let r = crate::interop::http(
+        "GET",
+        &format!("{base}/v2/private/ctr-copy/manifests/v1"),
+        &[("authorization", &basic), ("accept", ACCEPT_ALL_MANIFESTS)],
+        Vec::new(),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == img.manifest.data,
+        "ctr pushed the manifest byte for byte"
+    );
+    assert!(
+        reg.log_lines()
+            .iter()
+            .any(|l| l.contains(" POST /token 200")),
+        "containerd did not use the OAuth2 form of the token endpoint"
+    );
+    let _ = ctr(&["images", "rm", &src, &copy]).output();
+}
