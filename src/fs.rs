@@ -9,7 +9,9 @@
 //! <data>/kv/<key>        one file per key: each `/`-separated key segment is a directory, the
 //!                        last segment the file, named <segment>= ; segments are escaped
 //!                        (%XX for anything outside [A-Za-z0-9._-], and a leading '.')
-//! <data>/blobs/...       blob store paths as they are (see crate::layout)
+//! <data>/blobs/...       blob store paths as they are (see crate::layout); an object is a
+//!                        file, or, when assembled from several upload parts, a directory of
+//!                        its segments 00000000, 00000001, ... (renamed in: no byte copied)
 //! <data>/uploads/...
 //! <data>/tmp/            objects being written; removed at startup when stale
 //! ```
@@ -45,10 +47,10 @@ fn nonce() -> String {
     crate::digest::to_hex(&b)
 }
 
-fn sync_write(path: &Path, data: &[u8]) -> io::Result<()> {
+fn write_file(path: &Path, data: &[u8], fsync: bool) -> io::Result<()> {
     let mut f = File::create(path)?;
     f.write_all(data)?;
-    f.sync_all()
+    if fsync { f.sync_all() } else { Ok(()) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -58,6 +60,7 @@ fn sync_write(path: &Path, data: &[u8]) -> io::Result<()> {
 #[derive(Clone)]
 pub struct FsKv {
     root: PathBuf,
+    fsync: bool,
     /// Serializes compare-and-swap within this process. A directory shared by several processes
     /// gets only the default read-then-write guarantee.
     cas: Arc<Mutex<()>>,
@@ -69,8 +72,16 @@ impl FsKv {
         fs::create_dir_all(&root)?;
         Ok(FsKv {
             root,
+            fsync: true,
             cas: Arc::default(),
         })
+    }
+
+    /// Whether writes are fsynced before they are renamed into place (the default). Without,
+    /// a crash of the *machine* (not of the process) may lose or truncate recent writes.
+    pub fn fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
@@ -162,7 +173,7 @@ impl FsKv {
         let dir = path.parent().expect("a key path has a parent");
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!(".tmp-{}", nonce()));
-        let result = sync_write(&tmp, value).and_then(|()| fs::rename(&tmp, &path));
+        let result = write_file(&tmp, value, self.fsync).and_then(|()| fs::rename(&tmp, &path));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -235,13 +246,23 @@ impl KeyValue for FsKv {
 #[derive(Clone)]
 pub struct FsBlobs {
     root: PathBuf,
+    fsync: bool,
 }
 
 impl FsBlobs {
     pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         fs::create_dir_all(root.join("tmp"))?;
-        Ok(FsBlobs { root })
+        Ok(FsBlobs { root, fsync: true })
+    }
+
+    /// Whether objects are fsynced before they are renamed into place (the default). Upload
+    /// parts must reach the disk before the session records the hash state that covers them:
+    /// without fsync, a machine crash can leave a part shorter than its recorded hash, and a
+    /// later closing PUT would publish a blob that does not match its digest.
+    pub fn fsync(mut self, fsync: bool) -> Self {
+        self.fsync = fsync;
+        self
     }
 
     fn path(&self, path: &str) -> Result<PathBuf, StoreError> {
@@ -271,21 +292,34 @@ impl FsBlobs {
         let now = SystemTime::now();
         for entry in fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
-            let modified = entry.metadata()?.modified()?;
-            if now.duration_since(modified).unwrap_or_default() >= age {
-                fs::remove_file(entry.path())?;
+            let meta = entry.metadata()?;
+            if now.duration_since(meta.modified()?).unwrap_or_default() >= age {
+                if meta.is_dir() {
+                    fs::remove_dir_all(entry.path())?;
+                } else {
+                    fs::remove_file(entry.path())?;
+                }
                 removed += 1;
             }
         }
         Ok(removed)
     }
 
-    /// Moves a finished temporary file to `dest`, creating its directory.
+    /// Moves a finished temporary file or segment directory to `dest`, creating its
+    /// directory. If another writer published `dest` first (a rename cannot replace a
+    /// directory, or a file by a directory), theirs stays: blob paths are content-addressed.
     fn publish(&self, tmp: &Path, dest: &Path) -> io::Result<()> {
         if let Some(dir) = dest.parent() {
             fs::create_dir_all(dir)?;
         }
-        fs::rename(tmp, dest)
+        match fs::rename(tmp, dest) {
+            Err(e) if fs::symlink_metadata(dest).is_ok() => {
+                let _ = fs::remove_dir_all(tmp).or_else(|_| fs::remove_file(tmp));
+                tracing::debug!("{} already published ({e})", dest.display());
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
@@ -307,7 +341,9 @@ impl BlobStore for FsBlobs {
                 file.write_all(&chunk).map_err(StoreError::from)?;
                 len += chunk.len() as u64;
             }
-            file.sync_all().map_err(StoreError::from)?;
+            if self.fsync {
+                file.sync_all().map_err(StoreError::from)?;
+            }
             self.publish(&tmp, &dest).map_err(StoreError::from)?;
             Ok(len)
         }
@@ -323,33 +359,43 @@ impl BlobStore for FsBlobs {
         path: &str,
         range: Option<Range<u64>>,
     ) -> Result<Option<FileReader>, StoreError> {
-        let mut file = match File::open(self.path(path)?) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(segments) = self.segments(path)? else {
+            return Ok(None);
         };
-        let len = file.metadata()?.len();
-        let range = range.unwrap_or(0..len);
-        if range.start > 0 {
-            file.seek(SeekFrom::Start(range.start))?;
+        let total: u64 = segments.iter().map(|(_, len)| len).sum();
+        let range = range.unwrap_or(0..total);
+        // The part of each segment that falls in the range.
+        let mut plan = Vec::new();
+        let mut start = 0;
+        for (p, len) in segments {
+            let (a, b) = (range.start.max(start), range.end.min(start + len));
+            if a < b {
+                plan.push((p, a - start, b - a));
+            }
+            start += len;
         }
         Ok(Some(FileReader {
-            file,
+            file: None,
+            in_file: 0,
+            plan: plan.into_iter(),
             remaining: range.end.saturating_sub(range.start),
         }))
     }
 
     async fn size(&self, path: &str) -> Result<Option<u64>, StoreError> {
-        match fs::metadata(self.path(path)?) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self
+            .segments(path)?
+            .map(|s| s.iter().map(|(_, len)| len).sum()))
     }
 
     async fn delete(&self, path: &str) -> Result<(), StoreError> {
         let p = self.path(path)?;
-        match fs::remove_file(&p) {
+        let result = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
@@ -369,26 +415,30 @@ impl BlobStore for FsBlobs {
             .iter()
             .map(|p| self.path(p))
             .collect::<Result<Vec<_>, _>>()?;
-        if let [single] = paths.as_slice() {
-            // The common case (a monolithic or single-PATCH upload): a rename, no copy.
-            self.publish(single, &dest)?;
-        } else {
-            let tmp = self.temp();
-            let result = (|| {
-                let mut out = File::create(&tmp)?;
-                for p in &paths {
-                    // io::copy uses copy_file_range on Linux: the kernel moves the bytes.
-                    io::copy(&mut File::open(p)?, &mut out)?;
-                }
-                out.sync_all()?;
-                self.publish(&tmp, &dest)
-            })();
-            if result.is_err() {
-                let _ = fs::remove_file(&tmp);
+        match paths.as_slice() {
+            // The common case (a monolithic or single-PATCH upload): a rename.
+            [single] => self.publish(single, &dest)?,
+            [] => {
+                let tmp = self.temp();
+                write_file(&tmp, b"", self.fsync)?;
+                self.publish(&tmp, &dest)?;
             }
-            result?;
-            for p in &paths {
-                let _ = fs::remove_file(p);
+            // Several parts: a segmented object, a directory of the parts in order, built in
+            // tmp/ and renamed into place. Renames only: no byte is copied (a copy would write
+            // the whole blob to disk a second time).
+            many => {
+                let tmp = self.temp();
+                let result = (|| {
+                    fs::create_dir(&tmp)?;
+                    for (i, p) in many.iter().enumerate() {
+                        fs::rename(p, tmp.join(format!("{i:08}")))?;
+                    }
+                    self.publish(&tmp, &dest)
+                })();
+                if let Err(e) = result {
+                    let _ = fs::remove_dir_all(&tmp);
+                    return Err(e.into());
+                }
             }
         }
         if let Some(dir) = paths.first().and_then(|p| p.parent()) {
@@ -398,10 +448,52 @@ impl BlobStore for FsBlobs {
     }
 }
 
-/// Streams a byte range of a file in 256 KiB reads.
+impl FsBlobs {
+    /// The files of an object, in order, with their lengths: one for a plain object, the
+    /// segments of a segmented one (see `assemble`). `None` if there is no such object.
+    fn segments(&self, path: &str) -> Result<Option<Vec<(PathBuf, u64)>>, StoreError> {
+        let p = self.path(path)?;
+        let meta = match fs::metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if !meta.is_dir() {
+            return Ok(Some(vec![(p, meta.len())]));
+        }
+        let mut segments = Vec::new();
+        for entry in fs::read_dir(&p)? {
+            let entry = entry?;
+            segments.push((entry.path(), entry.metadata()?.len()));
+        }
+        segments.sort();
+        Ok(Some(segments))
+    }
+}
+
+/// Streams a byte range of an object, file after file (segments), in 256 KiB reads.
 pub struct FileReader {
-    file: File,
+    file: Option<File>,
+    /// Bytes still to read from `file`.
+    in_file: u64,
+    /// The files still to read: path, offset to start at, bytes to read.
+    plan: std::vec::IntoIter<(PathBuf, u64, u64)>,
     remaining: u64,
+}
+
+impl FileReader {
+    fn next_file(&mut self) -> io::Result<bool> {
+        let Some((path, offset, len)) = self.plan.next() else {
+            return Ok(false);
+        };
+        let mut f = File::open(path)?;
+        if offset > 0 {
+            f.seek(SeekFrom::Start(offset))?;
+        }
+        self.file = Some(f);
+        self.in_file = len;
+        Ok(true)
+    }
 }
 
 impl http_body::Body for FileReader {
@@ -415,9 +507,21 @@ impl http_body::Body for FileReader {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
-        let want = self.remaining.min(READ_CHUNK as u64) as usize;
+        while self.in_file == 0 {
+            match self.next_file() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Poll::Ready(Some(Err(StoreError::new(
+                        "blob is shorter than recorded",
+                    ))));
+                }
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+        let want = self.in_file.min(READ_CHUNK as u64) as usize;
         let mut buf = BytesMut::zeroed(want);
-        let n = match self.file.read(&mut buf) {
+        let file = self.file.as_mut().expect("opened above");
+        let n = match file.read(&mut buf) {
             Ok(0) => {
                 return Poll::Ready(Some(Err(StoreError::new(
                     "blob file is shorter than recorded",
@@ -427,7 +531,11 @@ impl http_body::Body for FileReader {
             Err(e) => return Poll::Ready(Some(Err(e.into()))),
         };
         buf.truncate(n);
+        self.in_file -= n as u64;
         self.remaining -= n as u64;
+        if self.in_file == 0 {
+            self.file = None;
+        }
         Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
     }
 

@@ -73,6 +73,12 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_CHUNK_MIN_LENGTH")]
     chunk_min_length: Option<u64>,
 
+    /// Do not fsync writes. Faster uploads (see docs/PERFORMANCE.md), but a crash of the
+    /// machine (power loss, kernel panic) may then lose recent pushes or corrupt blobs that
+    /// were acknowledged; a crash of the process alone loses nothing either way.
+    #[arg(long, env = "DOCKSIDE_NO_FSYNC")]
+    no_fsync: bool,
+
     /// Cancel upload sessions older than this many seconds, freeing their space (checked
     /// periodically). 0 keeps them forever.
     #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
@@ -164,8 +170,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ..Config::default()
     };
     let data = &args.data;
-    let registry = DirRegistry::open_dir(data, config)
-        .map_err(|e| format!("cannot use data directory {}: {e}", data.display()))?;
+    let open = || -> std::io::Result<DirRegistry> {
+        Ok(dockside::Registry::new(
+            dockside::FsKv::new(data.join("kv"))?.fsync(!args.no_fsync),
+            FsBlobs::new(data)?.fsync(!args.no_fsync),
+            config,
+        ))
+    };
+    let registry =
+        open().map_err(|e| format!("cannot use data directory {}: {e}", data.display()))?;
     // What a crash or kill left mid-write: never visible as blobs, removed here.
     match FsBlobs::new(data).and_then(|b| b.clean_temporary(Duration::from_secs(600))) {
         Ok(0) => {}

@@ -177,9 +177,9 @@ impl H {
             Stores::Memory(_, b) => b.paths(),
             Stores::Dir(d) => {
                 let mut out = Vec::new();
-                for top in ["blobs", "uploads"] {
-                    walk(&d.path().join(top), top, &mut out);
-                }
+                // blobs/<alg>/<xx>/<hex>, uploads/<uuid>/<part>
+                walk(&d.path().join("blobs"), "blobs", 3, &mut out);
+                walk(&d.path().join("uploads"), "uploads", 2, &mut out);
                 out.sort();
                 out
             }
@@ -204,15 +204,17 @@ impl H {
     }
 }
 
-fn walk(dir: &std::path::Path, base: &str, out: &mut Vec<String>) {
+/// The objects under `dir`, `depth` levels down (a segmented object is a directory of
+/// segments: it counts as one object).
+fn walk(dir: &std::path::Path, base: &str, depth: usize, out: &mut Vec<String>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
     for e in rd {
         let e = e.unwrap();
         let name = format!("{base}/{}", e.file_name().to_str().unwrap());
-        if e.file_type().unwrap().is_dir() {
-            walk(&e.path(), &name, out);
+        if depth > 1 && e.file_type().unwrap().is_dir() {
+            walk(&e.path(), &name, depth - 1, out);
         } else {
             out.push(name);
         }
@@ -594,6 +596,20 @@ async fn chunked_upload(h: H) {
         .await;
     r.expect(201);
     assert_eq!(h.get(&format!("/v2/chunky/blobs/{d}")).await.body, data);
+    // Ranges across the chunk boundaries (segments of a stitched blob on the directory host).
+    for (from, to) in [(9990, 10010), (5000, 25000), (19_999, 20_000), (0, 30_000)] {
+        let range = format!("bytes={from}-{}", to - 1);
+        let r = h
+            .send(
+                Method::GET,
+                &format!("/v2/chunky/blobs/{d}"),
+                &[("range", &range)],
+                b"",
+            )
+            .await;
+        r.expect(206);
+        assert_eq!(r.body, &data[from..to], "{range}");
+    }
     // Every part was consumed: only the blob itself remains.
     assert_eq!(h.blob_paths().len(), 1, "{:?}", h.blob_paths());
     if matches!(h.stores, Stores::KvOnly(_)) {

@@ -1,0 +1,831 @@
+//! dockside's benchmark: the same client code against dockside and against CNCF distribution
+//! (Debian's `docker-registry` 2.8.2), in one run, with the machine's own limits beside them.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example bench     # start dockside (with and without fsync) and distribution
+//! cargo run --release --example bench -- --rounds 5 --size-mib 1024 --seconds 10
+//! cargo run --release --example bench -- --url name=http://127.0.0.1:5000[,pid=1234] ...
+//! ```
+//!
+//! Prints one line per figure (min / median / max over the rounds). Blobs are fresh random
+//! bytes every round, so no registry can answer "already have it". Server CPU comes from
+//! `/proc/<pid>/stat` and peak RSS from sampling `/proc/<pid>/status`, for the registries it
+//! starts (or is given a pid for). Needs `docker-registry`, `hey`, `iperf3` and `openssl`
+//! (`apt-get install docker-registry hey iperf3 openssl`).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+const MIB: u64 = 1024 * 1024;
+
+struct Opts {
+    rounds: usize,
+    size_mib: u64,
+    chunk_mib: u64,
+    seconds: u64,
+    connections: usize,
+    urls: Vec<(String, String, Option<u32>)>,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        rounds: 3,
+        size_mib: 1024,
+        chunk_mib: 16,
+        seconds: 10,
+        connections: 16,
+        urls: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+        };
+        match a.as_str() {
+            "--rounds" => o.rounds = val().parse().unwrap_or_else(|_| usage("--rounds N")),
+            "--size-mib" => o.size_mib = val().parse().unwrap_or_else(|_| usage("--size-mib N")),
+            "--chunk-mib" => o.chunk_mib = val().parse().unwrap_or_else(|_| usage("--chunk-mib N")),
+            "--seconds" => o.seconds = val().parse().unwrap_or_else(|_| usage("--seconds N")),
+            "--connections" => {
+                o.connections = val().parse().unwrap_or_else(|_| usage("--connections N"))
+            }
+            "--url" => {
+                // name=URL[,pid=N]
+                let v = val();
+                let (name, rest) = v.split_once('=').unwrap_or_else(|| usage("--url name=URL"));
+                let (url, pid) = match rest.split_once(",pid=") {
+                    Some((u, p)) => (u, Some(p.parse().unwrap_or_else(|_| usage("pid=N")))),
+                    None => (rest, None),
+                };
+                o.urls
+                    .push((name.to_owned(), url.trim_end_matches('/').to_owned(), pid));
+            }
+            "-h" | "--help" => usage(""),
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    o
+}
+
+fn usage(msg: &str) -> ! {
+    if !msg.is_empty() {
+        eprintln!("bench: {msg}");
+    }
+    eprintln!(
+        "usage: cargo run --release --example bench -- [--rounds N] [--size-mib N] [--chunk-mib N] \
+         [--seconds N] [--connections N] [--url name=http://host:port[,pid=N]]..."
+    );
+    std::process::exit(2)
+}
+
+/// A registry under test.
+struct Target {
+    name: String,
+    base: String,
+    pid: Option<u32>,
+    _child: Option<ChildGuard>,
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server on {port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start_dockside(dir: &std::path::Path, name: &str, extra: &[&str]) -> Target {
+    let exe = std::env::current_exe().unwrap();
+    // target/release/examples/bench -> target/release/dockside
+    let bin = exe.parent().unwrap().parent().unwrap().join("dockside");
+    assert!(
+        bin.exists(),
+        "build the server first: cargo build --release ({bin:?})"
+    );
+    let port = free_port();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(&bin)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.join(format!("{name}-data")))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start dockside");
+    wait_listening(port);
+    Target {
+        name: name.into(),
+        base: format!("http://127.0.0.1:{port}"),
+        pid: Some(child.id()),
+        _child: Some(ChildGuard(child)),
+    }
+}
+
+fn start_distribution(dir: &std::path::Path) -> Target {
+    let port = free_port();
+    let config = dir.join("distribution.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("distribution-data").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("distribution.log")).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start docker-registry (apt-get install docker-registry)");
+    wait_listening(port);
+    Target {
+        name: "distribution".into(),
+        base: format!("http://127.0.0.1:{port}"),
+        pid: Some(child.id()),
+        _child: Some(ChildGuard(child)),
+    }
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process (and its threads).
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return f64::NAN };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples a process's RSS every 5 ms until stopped; yields the peak.
+struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    fn start(pid: Option<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let thread = pid.map(|pid| {
+            let (stop, peak) = (stop.clone(), peak.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        });
+        RssSampler { stop, peak, thread }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// Deterministic pseudo-random blob content, generated in 1 MiB pieces (never held whole).
+#[derive(Clone, Copy)]
+struct Gen {
+    seed: u64,
+    size: u64,
+}
+
+impl Gen {
+    fn piece(&self, i: u64) -> Bytes {
+        let len = (self.size - i * MIB).min(MIB) as usize;
+        let mut x = self.seed ^ (i.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut v = Vec::with_capacity(len);
+        while v.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(len);
+        Bytes::from(v)
+    }
+
+    fn pieces(&self) -> u64 {
+        self.size.div_ceil(MIB)
+    }
+
+    fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for i in 0..self.pieces() {
+            h.update(self.piece(i));
+        }
+        format!(
+            "sha256:{}",
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    }
+
+    /// Bytes `[from, to)` as a streaming request body.
+    fn body(self, from: u64, to: u64) -> reqwest::Body {
+        let stream = futures_util::stream::iter((from / MIB)..to.div_ceil(MIB)).map(move |i| {
+            let p = self.piece(i);
+            let start = i * MIB;
+            let a = from.saturating_sub(start) as usize;
+            let b = ((to - start).min(p.len() as u64)) as usize;
+            Ok::<_, std::io::Error>(p.slice(a..b))
+        });
+        reqwest::Body::wrap_stream(stream)
+    }
+}
+
+use futures_util::StreamExt;
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn resolve(base: &str, location: &str) -> String {
+    if location.starts_with("http") {
+        location.to_owned()
+    } else {
+        format!("{base}{location}")
+    }
+}
+
+/// A measured figure: one value per round.
+struct Figure {
+    values: Vec<f64>,
+}
+
+impl Figure {
+    fn new() -> Self {
+        Figure { values: Vec::new() }
+    }
+    fn stats(&self) -> (f64, f64, f64) {
+        let mut v = self.values.clone();
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    }
+}
+
+fn line(target: &str, what: &str, f: &Figure, unit: &str) {
+    let (min, med, max) = f.stats();
+    println!("{target:<13} {what:<38} {min:>10.3} {med:>10.3} {max:>10.3}  {unit}");
+}
+
+struct Results {
+    name: String,
+    push_mono: Figure,
+    push_mono_cpu: Figure,
+    push_mono_rss: Figure,
+    push_chunked: Figure,
+    push_chunked_cpu: Figure,
+    pull: Figure,
+    pull_cpu: Figure,
+    range_ms: Figure,
+    small: Vec<(String, Figure, Figure, Figure, Figure)>,
+}
+
+async fn push_monolithic(c: &reqwest::Client, t: &Target, repo: &str, g: Gen, digest: &str) {
+    let r = c
+        .post(format!("{}/v2/{repo}/blobs/uploads/", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}: POST upload", t.name);
+    let loc = resolve(&t.base, r.headers()["location"].to_str().unwrap());
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={digest}"))
+        .header("content-type", "application/octet-stream")
+        .header("content-length", g.size)
+        .body(g.body(0, g.size))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}: PUT blob", t.name);
+}
+
+async fn push_chunked(
+    c: &reqwest::Client,
+    t: &Target,
+    repo: &str,
+    g: Gen,
+    digest: &str,
+    chunk: u64,
+) {
+    let r = c
+        .post(format!("{}/v2/{repo}/blobs/uploads/", t.base))
+        .header("content-length", 0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}: POST upload", t.name);
+    let mut loc = resolve(&t.base, r.headers()["location"].to_str().unwrap());
+    let mut off = 0;
+    while off < g.size {
+        let end = (off + chunk).min(g.size);
+        let r = c
+            .patch(&loc)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{off}-{}", end - 1))
+            .header("content-length", end - off)
+            .body(g.body(off, end))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}: PATCH", t.name);
+        loc = resolve(&t.base, r.headers()["location"].to_str().unwrap());
+        off = end;
+    }
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{loc}{sep}digest={digest}"))
+        .header("content-length", 0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}: closing PUT", t.name);
+}
+
+async fn pull(c: &reqwest::Client, t: &Target, repo: &str, digest: &str, size: u64) {
+    let r = c
+        .get(format!("{}/v2/{repo}/blobs/{digest}", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}: GET blob", t.name);
+    let mut s = r.bytes_stream();
+    let mut n = 0u64;
+    while let Some(b) = s.next().await {
+        n += b.unwrap().len() as u64;
+    }
+    assert_eq!(n, size, "{}: pulled length", t.name);
+}
+
+/// Pushes a tiny image tagged `latest` in `repo`; returns the URLs the small-request load uses.
+async fn small_setup(
+    c: &reqwest::Client,
+    t: &Target,
+    repo: &str,
+) -> Vec<(String, &'static str, String)> {
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = b"a small layer";
+    let mut digests = Vec::new();
+    for data in [&config[..], &layer[..]] {
+        let g = format!(
+            "sha256:{}",
+            Sha256::digest(data)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let r = c
+            .post(format!("{}/v2/{repo}/blobs/uploads/", t.base))
+            .send()
+            .await
+            .unwrap();
+        let loc = resolve(&t.base, r.headers()["location"].to_str().unwrap());
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = c
+            .put(format!("{loc}{sep}digest={g}"))
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        digests.push(g);
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digests[0], "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digests[1], "size": layer.len()}],
+    });
+    let r = c
+        .put(format!("{}/v2/{repo}/manifests/latest", t.base))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(serde_json::to_vec(&manifest).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}: manifest PUT", t.name);
+    vec![
+        (
+            "manifest GET by tag".into(),
+            "GET",
+            format!("{}/v2/{repo}/manifests/latest", t.base),
+        ),
+        (
+            "manifest HEAD by tag".into(),
+            "HEAD",
+            format!("{}/v2/{repo}/manifests/latest", t.base),
+        ),
+        (
+            "blob HEAD".into(),
+            "HEAD",
+            format!("{}/v2/{repo}/blobs/{}", t.base, digests[1]),
+        ),
+        (
+            "tags list".into(),
+            "GET",
+            format!("{}/v2/{repo}/tags/list", t.base),
+        ),
+    ]
+}
+
+/// Runs `hey` for `seconds` with `conns` connections; returns (requests/s, p50 ms, p99 ms,
+/// total requests).
+fn hey(method: &str, url: &str, seconds: u64, conns: usize) -> (f64, f64, f64, f64) {
+    let out = Command::new("hey")
+        .args([
+            "-z",
+            &format!("{seconds}s"),
+            "-c",
+            &conns.to_string(),
+            "-m",
+            method,
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            url,
+        ])
+        .output()
+        .expect("run hey (apt-get install hey)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let num = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let rps = num("Requests/sec:");
+    let p50 = num("50% in") * 1000.0;
+    let p99 = num("99% in") * 1000.0;
+    let ok: f64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("[200]"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if !text.contains("[200]") {
+        eprintln!("hey {method} {url}: no 200 answers:\n{text}");
+    }
+    (rps, p50, p99, ok)
+}
+
+async fn measure(t: &Target, o: &Opts) -> Results {
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(4)
+        .build()
+        .unwrap();
+    let size = o.size_mib * MIB;
+    let mut r = Results {
+        name: t.name.clone(),
+        push_mono: Figure::new(),
+        push_mono_cpu: Figure::new(),
+        push_mono_rss: Figure::new(),
+        push_chunked: Figure::new(),
+        push_chunked_cpu: Figure::new(),
+        pull: Figure::new(),
+        pull_cpu: Figure::new(),
+        range_ms: Figure::new(),
+        small: Vec::new(),
+    };
+    let gib = size as f64 / (1024.0 * MIB as f64);
+    let mb = size as f64 / 1e6;
+    for round in 0..o.rounds {
+        let repo = format!("bench/r{round}");
+        // Monolithic.
+        let g = Gen {
+            seed: random_seed(),
+            size,
+        };
+        let d = g.digest();
+        let idle = t.pid.map_or(0, rss_kib);
+        let sampler = RssSampler::start(t.pid);
+        let cpu0 = cpu_secs(t.pid);
+        let t0 = Instant::now();
+        push_monolithic(&c, t, &repo, g, &d).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_secs(t.pid) - cpu0;
+        let peak = sampler.finish();
+        r.push_mono.values.push(mb / secs);
+        r.push_mono_cpu.values.push(cpu / gib);
+        r.push_mono_rss.values.push(if t.pid.is_some() {
+            peak.saturating_sub(idle) as f64 / 1024.0
+        } else {
+            f64::NAN
+        });
+        // Pull it.
+        let cpu0 = cpu_secs(t.pid);
+        let t0 = Instant::now();
+        pull(&c, t, &repo, &d, size).await;
+        let secs = t0.elapsed().as_secs_f64();
+        r.pull.values.push(mb / secs);
+        r.pull_cpu.values.push((cpu_secs(t.pid) - cpu0) / gib);
+        // A 1 MiB range from the middle.
+        let mut lat = Vec::new();
+        for _ in 0..20 {
+            let from = size / 2;
+            let t0 = Instant::now();
+            let resp = c
+                .get(format!("{}/v2/{repo}/blobs/{d}", t.base))
+                .header("range", format!("bytes={from}-{}", from + MIB - 1))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 206, "{}: range GET", t.name);
+            assert_eq!(resp.bytes().await.unwrap().len() as u64, MIB);
+            lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        r.range_ms.values.push(lat[lat.len() / 2]);
+        // Chunked.
+        let g = Gen {
+            seed: random_seed(),
+            size,
+        };
+        let d = g.digest();
+        let cpu0 = cpu_secs(t.pid);
+        let t0 = Instant::now();
+        push_chunked(&c, t, &repo, g, &d, o.chunk_mib * MIB).await;
+        let secs = t0.elapsed().as_secs_f64();
+        r.push_chunked.values.push(mb / secs);
+        r.push_chunked_cpu
+            .values
+            .push((cpu_secs(t.pid) - cpu0) / gib);
+        eprintln!("  {} round {} done", t.name, round + 1);
+    }
+    // Small requests.
+    let urls = small_setup(&c, t, "bench/small").await;
+    for (what, method, url) in urls {
+        let (mut rps, mut p50, mut p99, mut cpu_us) =
+            (Figure::new(), Figure::new(), Figure::new(), Figure::new());
+        for _ in 0..o.rounds {
+            let cpu0 = cpu_secs(t.pid);
+            let (x, a, b, n) = hey(method, &url, o.seconds, o.connections);
+            let cpu = cpu_secs(t.pid) - cpu0;
+            rps.values.push(x);
+            p50.values.push(a);
+            p99.values.push(b);
+            cpu_us.values.push(cpu / n * 1e6);
+        }
+        r.small.push((what, rps, p50, p99, cpu_us));
+    }
+    r
+}
+
+fn machine_limits(dir: &std::path::Path) {
+    println!("\n# the machine (same run)");
+    // SHA-256 throughput, 16 KiB blocks.
+    if let Ok(out) = Command::new("openssl")
+        .args(["speed", "-evp", "sha256", "-seconds", "2"])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(l) = text.lines().rev().find(|l| l.starts_with("sha256")) {
+            let v: f64 = l
+                .split_whitespace()
+                .last()
+                .and_then(|v| v.trim_end_matches('k').parse().ok())
+                .unwrap_or(f64::NAN);
+            println!(
+                "machine       openssl sha256 (16 KiB blocks)         {:>10.1} MB/s",
+                v * 1000.0 / 1e6
+            );
+        }
+    }
+    // Loopback TCP.
+    let port = free_port();
+    if let Ok(server) = Command::new("iperf3")
+        .args(["-s", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        let _guard = ChildGuard(server);
+        // Not wait_listening: a probe connection would upset iperf3's first test.
+        std::thread::sleep(Duration::from_millis(500));
+        if let Ok(out) = Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "3", "-J"])
+            .output()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let bps = v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
+            println!(
+                "machine       loopback TCP (iperf3, 1 stream)        {:>10.1} MB/s",
+                bps / 8e6
+            );
+        }
+    }
+    // Buffered disk write.
+    let file = dir.join("dd.bin");
+    if let Ok(out) = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", "count=1024"])
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stderr);
+        if let Some(l) = text.lines().find(|l| l.contains("copied")) {
+            let secs: f64 = l
+                .split(", ")
+                .nth(2)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(f64::NAN);
+            println!(
+                "machine       buffered disk write (dd 1 GiB)         {:>10.1} MB/s",
+                1073.741824 / secs
+            );
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+}
+
+fn ratio(what: &str, a: &Figure, b: &Figure, higher_is_better: bool, names: (&str, &str)) {
+    let (_, ma, _) = a.stats();
+    let (_, mb, _) = b.stats();
+    let r = if higher_is_better { ma / mb } else { mb / ma };
+    println!(
+        "ratio         {what:<38} {r:>10.2}x  ({} vs {}, medians; >1 means {} is better)",
+        names.0, names.1, names.0
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let o = parse_opts();
+    let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
+    let targets: Vec<Target> = if o.urls.is_empty() {
+        vec![
+            start_dockside(dir.path(), "dockside", &[]),
+            start_dockside(dir.path(), "dockside-nofs", &["--no-fsync"]),
+            start_distribution(dir.path()),
+        ]
+    } else {
+        o.urls
+            .iter()
+            .map(|(n, u, p)| Target {
+                name: n.clone(),
+                base: u.clone(),
+                pid: *p,
+                _child: None,
+            })
+            .collect()
+    };
+    println!(
+        "# dockside bench: {} rounds, {} MiB blobs, {} MiB chunks, {} connections x {} s for small requests",
+        o.rounds, o.size_mib, o.chunk_mib, o.connections, o.seconds
+    );
+    println!(
+        "{:<13} {:<38} {:>10} {:>10} {:>10}  unit",
+        "registry", "figure", "min", "median", "max"
+    );
+    let mut all = Vec::new();
+    for t in &targets {
+        let r = measure(t, &o).await;
+        line(&r.name, "push monolithic (POST+PUT)", &r.push_mono, "MB/s");
+        line(
+            &r.name,
+            "push monolithic server CPU",
+            &r.push_mono_cpu,
+            "CPU-s/GiB",
+        );
+        line(
+            &r.name,
+            "push monolithic peak RSS over idle",
+            &r.push_mono_rss,
+            "MiB",
+        );
+        line(
+            &r.name,
+            &format!("push chunked ({} MiB PATCHes)", o.chunk_mib),
+            &r.push_chunked,
+            "MB/s",
+        );
+        line(
+            &r.name,
+            "push chunked server CPU",
+            &r.push_chunked_cpu,
+            "CPU-s/GiB",
+        );
+        line(&r.name, "pull", &r.pull, "MB/s");
+        line(&r.name, "pull server CPU", &r.pull_cpu, "CPU-s/GiB");
+        line(
+            &r.name,
+            "1 MiB range GET from the middle",
+            &r.range_ms,
+            "ms (median of 20)",
+        );
+        for (what, rps, p50, p99, cpu) in &r.small {
+            line(&r.name, &format!("{what}: throughput"), rps, "req/s");
+            line(&r.name, &format!("{what}: p50"), p50, "ms");
+            line(&r.name, &format!("{what}: p99"), p99, "ms");
+            line(&r.name, &format!("{what}: server CPU"), cpu, "us/req");
+        }
+        all.push(r);
+    }
+    // Every registry against the last one (distribution, when the bench starts them).
+    let b = all.last().expect("at least one registry");
+    for a in &all[..all.len() - 1] {
+        let names = (a.name.as_str(), b.name.as_str());
+        println!();
+        ratio(
+            "push monolithic MB/s",
+            &a.push_mono,
+            &b.push_mono,
+            true,
+            names,
+        );
+        ratio(
+            "push monolithic CPU/GiB",
+            &a.push_mono_cpu,
+            &b.push_mono_cpu,
+            false,
+            names,
+        );
+        ratio(
+            "push chunked MB/s",
+            &a.push_chunked,
+            &b.push_chunked,
+            true,
+            names,
+        );
+        ratio("pull MB/s", &a.pull, &b.pull, true, names);
+        ratio("pull CPU/GiB", &a.pull_cpu, &b.pull_cpu, false, names);
+        ratio(
+            "1 MiB range GET latency",
+            &a.range_ms,
+            &b.range_ms,
+            false,
+            names,
+        );
+        for ((what, ra, _, _, ca), (_, rb, _, _, cb)) in a.small.iter().zip(&b.small) {
+            ratio(&format!("{what} req/s"), ra, rb, true, names);
+            ratio(&format!("{what} CPU/req"), ca, cb, false, names);
+        }
+    }
+    machine_limits(dir.path());
+}
