@@ -1521,3 +1521,71 @@ async fn external_issuer_rs256() {
         .await
         .unauthorized();
 }
+
+/// The README's worked example is a working configuration, and grants what its comments say.
+#[tokio::test]
+async fn readme_worked_example() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("`dockside.toml`:\n\n```toml\n")
+        .expect("the worked example")
+        + 25;
+    let end = start + readme[start..].find("```").unwrap();
+    let mut toml = String::new();
+    for line in readme[start..end].lines() {
+        if line.starts_with("password_hash") {
+            let user = if toml.contains("\"alice\"\npassword") {
+                "ci"
+            } else {
+                "alice"
+            };
+            toml.push_str(&format!(
+                "password_hash = \"{}\"\n",
+                bcrypt_hash(&format!("{user}-pw"))
+            ));
+        } else if line.starts_with("[auth]") {
+            toml.push_str(&format!("[auth]\nsecret = \"{SECRET}\"\n"));
+        } else {
+            toml.push_str(line);
+            toml.push('\n');
+        }
+    }
+    let r = registry_with(&toml);
+    let alice = Cred::Basic("alice", "alice-pw");
+    let ci = Cred::Basic("ci", "ci-pw");
+    push_image(&r, "team-a/app", "v1", ci).await;
+    let d = push_image(&r, "public/base", "v1", alice).await;
+    call(&r, "GET", "/v2/team-a/app/manifests/v1", ci, b"")
+        .await
+        .expect(200);
+    call(&r, "GET", "/v2/team-a/app/manifests/v1", Cred::None, b"")
+        .await
+        .unauthorized();
+    call(&r, "GET", "/v2/public/base/manifests/v1", Cred::None, b"")
+        .await
+        .expect(200);
+    call(
+        &r,
+        "DELETE",
+        &format!("/v2/public/base/manifests/{d}"),
+        ci,
+        b"",
+    )
+    .await
+    .denied();
+    call(&r, "GET", "/v2/_catalog", ci, b"").await.denied();
+    call(&r, "GET", "/v2/_catalog", alice, b"")
+        .await
+        .expect(200);
+    push_image(&r, "team-a/deep/app", "v1", alice).await;
+    call(&r, "POST", "/v2/team-a/deep/app/blobs/uploads/", ci, b"")
+        .await
+        .denied();
+    let t = token(&r, alice, &["repository:team-a/app:pull,push,delete"]).await;
+    assert_eq!(claims(&t)["aud"], "registry.example.com");
+    assert_eq!(
+        claims(&t)["exp"].as_u64().unwrap() - claims(&t)["iat"].as_u64().unwrap(),
+        300
+    );
+}
