@@ -117,14 +117,27 @@ fn main() -> std::process::ExitCode {
 
 fn hash_password(args: HashArgs) -> Result<(), String> {
     use std::io::{BufRead, IsTerminal};
-    if std::io::stdin().is_terminal() {
-        eprintln!("password (it will show as you type; or pipe it in): ");
+    let tty = std::io::stdin().is_terminal();
+    // On a terminal, keep the password off the screen (stty, where there is one).
+    let hidden = tty
+        && std::process::Command::new("stty")
+            .arg("-echo")
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success());
+    if tty {
+        eprint!("password: ");
     }
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the password: {e}"))?;
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if hidden {
+        let _ = std::process::Command::new("stty")
+            .arg("echo")
+            .stdin(std::process::Stdio::inherit())
+            .status();
+        eprintln!();
+    }
+    read.map_err(|e| format!("cannot read the password: {e}"))?;
     let password = line.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
         return Err("empty password".into());
