@@ -5,6 +5,7 @@
 use http::StatusCode;
 use serde_json::Value;
 
+use crate::body::Body;
 use crate::digest::Digest;
 use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
@@ -17,6 +18,22 @@ use crate::registry::{Query, Registry, RegistryResponse, Result, json_response, 
 struct Page {
     entries: Vec<String>,
     more: bool,
+}
+
+/// A JSON page of the tags list or the catalog, with an RFC 8288 `Link` to the next page when
+/// more remain (never when `n` is 0: distribution-spec, "Listing Tags").
+fn paged<R>(body: &Value, page: &Page, n: Option<usize>, path: &str) -> http::Response<Body<R>> {
+    let mut resp = json_response(StatusCode::OK, serde_json::to_vec(body).expect("json"));
+    if page.more && n != Some(0) {
+        let link = format!(
+            "<{path}?n={}&last={}>; rel=\"next\"",
+            page.entries.len(),
+            query_escape(page.entries.last().map_or("", String::as_str))
+        );
+        resp.headers_mut()
+            .insert("link", link.parse().expect("valid header"));
+    }
+    resp
 }
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
@@ -85,17 +102,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             )
             .await?;
         let body = serde_json::json!({ "name": name.as_str(), "tags": page.entries });
-        let mut resp = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
-        if page.more && n != Some(0) {
-            let link = format!(
-                "</v2/{name}/tags/list?n={}&last={}>; rel=\"next\"",
-                page.entries.len(),
-                query_escape(page.entries.last().map_or("", String::as_str))
-            );
-            resp.headers_mut()
-                .insert("link", link.parse().expect("valid header"));
-        }
-        Ok(resp)
+        Ok(paged(&body, &page, n, &format!("/v2/{name}/tags/list")))
     }
 
     pub(crate) async fn catalog(&self, q: &Query) -> Result<RegistryResponse<B>> {
@@ -112,17 +119,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             )
             .await?;
         let body = serde_json::json!({ "repositories": page.entries });
-        let mut resp = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
-        if page.more && n != Some(0) {
-            let link = format!(
-                "</v2/_catalog?n={}&last={}>; rel=\"next\"",
-                page.entries.len(),
-                query_escape(page.entries.last().map_or("", String::as_str))
-            );
-            resp.headers_mut()
-                .insert("link", link.parse().expect("valid header"));
-        }
-        Ok(resp)
+        Ok(paged(&body, &page, n, "/v2/_catalog"))
     }
 
     /// GET /v2/<name>/referrers/<digest>: an image index of the manifests whose `subject` is
