@@ -34,13 +34,47 @@ pub async fn serve_dir(
 ) -> std::io::Result<()> {
     serve(
         listener,
-        move |req| {
+        move |req: hyper::Request<Incoming>| {
             let registry = registry.clone();
-            async move { registry.handle(req).await }
+            async move {
+                if !blocks(&req) {
+                    return registry.handle(req).await;
+                }
+                // The directory host does blocking std::fs I/O (writes, fsyncs) and Basic auth
+                // hashes a password (tens to hundreds of ms): run such requests on the blocking
+                // pool, so they never stall the runtime's workers and the requests they serve.
+                // The body keeps streaming: hyper's connection task feeds it from its own thread.
+                let rt = tokio::runtime::Handle::current();
+                tokio::task::spawn_blocking(move || rt.block_on(registry.handle(req)))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!("request handler failed: {e}");
+                        let mut resp = hyper::Response::new(Body::full(
+                            r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,
+                        ));
+                        *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                        resp
+                    })
+            }
         },
         shutdown,
     )
     .await
+}
+
+/// Whether a request may block its thread for long: uploads and manifest pushes (they write and
+/// fsync), deletes, and anything with Basic credentials (password hashing). Reads of manifests,
+/// tags and blob metadata stay on the runtime: they are a few small page-cache reads.
+fn blocks<B>(req: &hyper::Request<B>) -> bool {
+    use http::Method;
+    matches!(
+        *req.method(),
+        Method::PUT | Method::POST | Method::PATCH | Method::DELETE
+    ) || req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 6 && v[..6].eq_ignore_ascii_case("basic "))
 }
 
 /// Serves `handler` (a registry's `handle`, for any concrete stores) on `listener` until
