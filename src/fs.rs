@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::error::StoreError;
@@ -519,9 +519,11 @@ impl http_body::Body for FileReader {
             }
         }
         let want = self.in_file.min(READ_CHUNK as u64) as usize;
-        let mut buf = BytesMut::zeroed(want);
+        // Read into spare capacity: `read_to_end` on a `Take` fills it without zeroing it
+        // first (a 256 KiB memset per chunk on the pull path otherwise).
+        let mut buf = Vec::with_capacity(want);
         let file = self.file.as_mut().expect("opened above");
-        let n = match file.read(&mut buf) {
+        let n = match Read::by_ref(file).take(want as u64).read_to_end(&mut buf) {
             Ok(0) => {
                 return Poll::Ready(Some(Err(StoreError::new(
                     "blob file is shorter than recorded",
@@ -530,13 +532,12 @@ impl http_body::Body for FileReader {
             Ok(n) => n,
             Err(e) => return Poll::Ready(Some(Err(e.into()))),
         };
-        buf.truncate(n);
         self.in_file -= n as u64;
         self.remaining -= n as u64;
         if self.in_file == 0 {
             self.file = None;
         }
-        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
     }
 
     fn is_end_stream(&self) -> bool {

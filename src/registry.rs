@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::auth::{AuthConfig, Caller, Need};
-use crate::body::Body;
+use crate::body::{Body, ReadError, read_to_vec};
 use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
@@ -178,14 +178,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let q = Query::parse(parts.uri.query().unwrap_or(""));
         let h = &parts.headers;
         let m = &parts.method;
-        let allow = |methods: &str| -> Result<RegistryResponse<B>> {
-            Err(Error::new(
-                ErrorCode::Unsupported,
-                StatusCode::METHOD_NOT_ALLOWED,
-                format!("method {m} not allowed here; allowed: {methods}"),
-            )
-            .with_header(header::ALLOW, methods))
-        };
+        let allow =
+            |methods: &str| -> Result<RegistryResponse<B>> { Err(method_not_allowed(m, methods)) };
         let route = self.parse_path(parts.uri.path())?;
         let auth = self.config.auth.as_deref();
         let caller = match auth {
@@ -264,17 +258,19 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let (status, json) = match parts.method {
             Method::GET => auth.token_endpoint(parts, None, now)?,
             Method::POST => {
-                let form = read_small(body, 64 * 1024).await?;
+                let form = read_to_vec(body, 64 * 1024).await.map_err(|e| match e {
+                    ReadError::TooLarge { .. } => Error::new(
+                        ErrorCode::SizeInvalid,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the token request is too large",
+                    ),
+                    ReadError::Body(e) => {
+                        Error::bad_request(ErrorCode::Unsupported, format!("reading the body: {e}"))
+                    }
+                })?;
                 auth.token_endpoint(parts, Some(&form), now)?
             }
-            _ => {
-                return Err(Error::new(
-                    ErrorCode::Unsupported,
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "the token endpoint takes GET and POST",
-                )
-                .with_header(header::ALLOW, "GET, POST"));
-            }
+            ref m => return Err(method_not_allowed(m, "GET, POST")),
         };
         let mut resp = json_response(status, json);
         resp.headers_mut()
@@ -356,33 +352,6 @@ fn need(route: &Route, m: &Method) -> Need {
     }
 }
 
-/// Reads a small request body whole (the token endpoint's form), refusing more than `limit`.
-async fn read_small<RB>(body: &mut Pin<Box<RB>>, limit: usize) -> Result<Vec<u8>>
-where
-    RB: http_body::Body,
-    RB::Error: std::fmt::Display,
-{
-    use http_body_util::BodyExt;
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Error::bad_request(ErrorCode::Unsupported, format!("reading the body: {e}"))
-        })?;
-        if let Some(d) = frame.data_ref() {
-            let d = bytes::Buf::chunk(d);
-            if out.len() + d.len() > limit {
-                return Err(Error::new(
-                    ErrorCode::SizeInvalid,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "the token request is too large",
-                ));
-            }
-            out.extend_from_slice(d);
-        }
-    }
-    Ok(out)
-}
-
 /// Reads and drops what is left of a refused request's body, up to `limit` bytes. A server
 /// that answers early and closes while the client is still sending makes many clients lose the
 /// answer to a connection reset (RFC 9112 §9.6); past the limit, closing is the lesser evil.
@@ -402,6 +371,16 @@ where
             _ => return,
         }
     }
+}
+
+/// 405 `UNSUPPORTED`, with the `Allow` header listing what the endpoint takes.
+fn method_not_allowed(m: &Method, methods: &str) -> Error {
+    Error::new(
+        ErrorCode::Unsupported,
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {m} not allowed here; allowed: {methods}"),
+    )
+    .with_header(header::ALLOW, methods)
 }
 
 /// Decodes `%XX` escapes (a client may send `sha256%3A...`). Invalid escapes stay as they are,
