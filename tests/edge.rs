@@ -481,3 +481,62 @@ async fn access_control_in_the_wasi_component() {
     let body = r.text().await.unwrap();
     assert!(body.contains("no token secret"), "{body}");
 }
+
+/// Limits reach the component through `--env` (`Config::from_settings`): the chunk bounds are
+/// advertised, an oversized PATCH is refused with 413 and stores nothing, and a malformed
+/// setting is reported rather than ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_from_the_environment() {
+    let w = serve_with(
+        &[
+            ("DOCKSIDE_MAX_CHUNK_BYTES", "1000".to_owned()),
+            ("DOCKSIDE_CHUNK_MIN_LENGTH", "500".to_owned()),
+            ("DOCKSIDE_NO_DELETE", "true".to_owned()),
+        ],
+        |_| {},
+    );
+    let base = format!("http://{}", w.addr);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/v2/lim/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["oci-chunk-max-length"], "1000");
+    assert_eq!(r.headers()["oci-chunk-min-length"], "500");
+    let loc = format!("{base}{}", r.headers()["location"].to_str().unwrap());
+    let r = http.patch(&loc).body(vec![7u8; 2000]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "SIZE_INVALID");
+    let r = http.get(&loc).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["range"],
+        "0-0",
+        "the refused PATCH stored nothing"
+    );
+    let r = http.delete(&loc).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        204,
+        "cancelling an upload is not a delete of content"
+    );
+    let r = http
+        .delete(format!("{base}/v2/lim/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405, "DOCKSIDE_NO_DELETE=true");
+
+    let bad = serve_with(&[("DOCKSIDE_MAX_CHUNK_BYTES", "lots".to_owned())], |_| {});
+    let r = http
+        .get(format!("http://{}/v2/", bad.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("DOCKSIDE_MAX_CHUNK_BYTES"), "{text}");
+}
