@@ -365,7 +365,8 @@ fn containerd_ctr_pull_push() {
         &by_digest,
     ]);
     ctr(&["images", "rm", &by_digest]);
-    ctr(&["content", "prune", "references"]);
+    // No `ctr content prune` here: this containerd and its store are thrown away with the
+    // test, and prune races containerd's own garbage collector ("content digest ... not found").
 }
 
 /// Access control: `docker login` (the Bearer challenge, the token endpoint, the refresh token
