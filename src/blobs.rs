@@ -9,7 +9,8 @@ use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::names::RepoName;
-use crate::registry::{Registry, RegistryResponse, Result, empty_response, header_str};
+use crate::registry::{Registry, RegistryResponse, Result, empty_response};
+use crate::request::header_str;
 
 /// The value of a blob link: what a repository knows of a blob it may read.
 #[derive(Serialize, Deserialize)]

@@ -21,7 +21,7 @@
 //! │                                                            repository that links it
 //! └── uploads/<uuid>/<offset>-<nonce>                         parts of an upload in progress
 //!
-//! blob store on a key-value store (crate::kvblobs, for hosts without a blob store)
+//! blob store on a key-value store (crate::hosts::kvblobs, for hosts without a blob store)
 //! ├── kvblob/obj/<blob path>                                   {"size","chunk","segments":[..]}
 //! └── kvblob/chunk/<nonce>/<index:08>                          one chunk of a segment
 //! ```

@@ -36,40 +36,30 @@
 //! The layout of everything stored is drawn in [`layout`]; `docs/ARCHITECTURE.md` in the
 //! repository shows the layers.
 
+pub mod adapters;
 pub mod auth;
 mod blobs;
 mod body;
 mod digest;
 mod error;
-pub mod fs;
 pub mod host;
-pub mod kvblobs;
+pub mod hosts;
 pub mod layout;
 mod lists;
 mod manifests;
-pub mod mem;
 mod names;
 mod registry;
+mod request;
 mod uploads;
-
-#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
-pub mod server;
-
-#[cfg(all(feature = "spin", feature = "wasi-http"))]
-compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");
-#[cfg(all(target_arch = "wasm32", feature = "spin"))]
-mod spin_component;
-#[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
-mod wasi_component;
 
 pub use auth::AuthConfig;
 pub use body::Body;
 pub use digest::{Algorithm, Digest};
 pub use error::{Error, ErrorCode, StoreError};
-pub use fs::{FsBlobs, FsKv};
 pub use host::{BlobStore, ByteSource, KeyValue, WriteError};
-pub use kvblobs::KvBlobs;
-pub use mem::{MemoryBlobs, MemoryKv};
+pub use hosts::fs::{FsBlobs, FsKv};
+pub use hosts::kvblobs::KvBlobs;
+pub use hosts::mem::{MemoryBlobs, MemoryKv};
 pub use names::{RepoName, Tag};
 pub use registry::{Config, Registry, RegistryResponse};
 

@@ -12,7 +12,8 @@ use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::manifests::OCI_INDEX;
 use crate::names::{RepoName, Tag};
-use crate::registry::{Query, Registry, RegistryResponse, Result, json_response, query_escape};
+use crate::registry::{Registry, RegistryResponse, Result, json_response};
+use crate::request::{Query, query_escape};
 
 /// One page of a prefix scan: the entries (key suffixes) and whether more follow.
 struct Page {

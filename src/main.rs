@@ -215,9 +215,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         if args.upload_expiry_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
-        dockside::server::serve_dir(listener, registry, dockside::server::shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        dockside::adapters::server::serve_dir(
+            listener,
+            registry,
+            dockside::adapters::server::shutdown_signal(),
+        )
+        .await
+        .map_err(|e| e.to_string())
     })
 }
 

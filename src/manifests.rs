@@ -15,10 +15,8 @@ use crate::error::{Error, ErrorCode, StoreError};
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::names::{RepoName, Tag};
-use crate::registry::{
-    Query, Registry, RegistryResponse, Result, bytes_response, content_length, empty_response,
-    header_str,
-};
+use crate::registry::{Registry, RegistryResponse, Result, bytes_response, empty_response};
+use crate::request::{Query, content_length, header_str};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

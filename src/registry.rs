@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::auth::{AuthConfig, Caller, Need};
 use crate::body::{Body, ReadError, read_to_vec};
@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::names::RepoName;
+use crate::request::{Query, percent_decode};
 
 /// What a registry allows and advertises. `Config::default()` suits a local registry; edge
 /// deployments lower the size limits to what their host accepts.
@@ -116,7 +117,7 @@ pub struct Registry<K, B> {
 /// A response of the core, whose body may stream from the blob store `B`.
 pub type RegistryResponse<B> = Response<Body<<B as BlobStore>::Reader>>;
 
-pub(crate) type Result<T> = std::result::Result<T, Error>;
+pub(crate) use crate::request::Result;
 
 enum Route {
     Base,
@@ -381,93 +382,6 @@ fn method_not_allowed(m: &Method, methods: &str) -> Error {
         format!("method {m} not allowed here; allowed: {methods}"),
     )
     .with_header(header::ALLOW, methods)
-}
-
-/// Decodes `%XX` escapes (a client may send `sha256%3A...`). Invalid escapes stay as they are,
-/// and then fail validation.
-pub(crate) fn percent_decode(s: &str) -> String {
-    if !s.contains('%') {
-        return s.to_owned();
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Query parameters, decoded as Go's `url.ParseQuery` does (`+` is a space), since clients
-/// written in Go encode them that way.
-pub(crate) struct Query(pub(crate) Vec<(String, String)>);
-
-impl Query {
-    pub(crate) fn parse(q: &str) -> Self {
-        Query(
-            q.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (
-                        percent_decode(&k.replace('+', " ")),
-                        percent_decode(&v.replace('+', " ")),
-                    )
-                })
-                .collect(),
-        )
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub(crate) fn all(&self, key: &str) -> impl Iterator<Item = &str> {
-        self.0
-            .iter()
-            .filter(move |(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Percent-encodes a query value for a `Link` header.
-pub(crate) fn query_escape(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-pub(crate) fn header_str(h: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
-}
-
-/// The request's `Content-Length`, if it sent a valid one.
-pub(crate) fn content_length(h: &HeaderMap) -> Result<Option<u64>> {
-    match header_str(h, header::CONTENT_LENGTH) {
-        None => Ok(None),
-        Some(v) => v.parse().map(Some).map_err(|_| {
-            Error::bad_request(ErrorCode::SizeInvalid, "Content-Length is not a number")
-        }),
-    }
 }
 
 /// A response with the given status and headers and an empty body (`Content-Length: 0`).

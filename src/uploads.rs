@@ -19,9 +19,8 @@ use crate::error::{Error, ErrorCode, StoreError};
 use crate::host::{BlobStore, KeyValue, WriteError};
 use crate::layout;
 use crate::names::{RepoName, UploadId};
-use crate::registry::{
-    Query, Registry, RegistryResponse, Result, content_length, empty_response, header_str,
-};
+use crate::registry::{Registry, RegistryResponse, Result, empty_response};
+use crate::request::{Query, content_length, header_str};
 
 #[derive(Serialize, Deserialize, Clone)]
 struct UploadRecord {

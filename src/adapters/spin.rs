@@ -22,7 +22,7 @@ use spin_sdk::key_value::Store;
 
 use crate::error::StoreError;
 use crate::host::{KeyValue, page_of};
-use crate::kvblobs::KvReader;
+use crate::hosts::kvblobs::KvReader;
 use crate::{Body, Config, KvBlobs, Registry};
 
 type Response = http::Response<Body<KvReader<SpinKv>>>;

@@ -1,0 +1,16 @@
+//! The adapters: each turns one platform's requests into [`crate::Registry::handle`] calls and
+//! wires up that platform's stores. They translate and nothing more; everything else is core.
+//!
+//! - `server`: the native tokio/hyper server (feature `server`).
+//! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`).
+//! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`).
+
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
+pub mod server;
+
+#[cfg(all(feature = "spin", feature = "wasi-http"))]
+compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");
+#[cfg(all(target_arch = "wasm32", feature = "spin"))]
+mod spin;
+#[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
+mod wasi_http;

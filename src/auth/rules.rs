@@ -1,0 +1,349 @@
+//! Rules, and authorizing a request against them and the credentials it carries.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use http::{HeaderMap, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::config::password_matches;
+use super::*;
+use crate::error::{Error, ErrorCode};
+use crate::request::header_str;
+
+// ---------------------------------------------------------------------------------------------
+// Rules
+
+/// Whether `name` matches `pattern`: `*` is any run of characters but `/`, `**` any run at all.
+pub(crate) fn glob(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some(b'*') => {
+                let deep = p.get(1) == Some(&b'*');
+                let rest = if deep { &p[2..] } else { &p[1..] };
+                for i in 0..=n.len() {
+                    if go(rest, &n[i..]) {
+                        return true;
+                    }
+                    if i < n.len() && !deep && n[i] == b'/' {
+                        return false;
+                    }
+                }
+                false
+            }
+            Some(&c) => n.first() == Some(&c) && go(&p[1..], &n[1..]),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+impl AuthConfig {
+    fn applies(rule: &Rule, user: Option<&str>) -> bool {
+        rule.who.iter().any(|w| match w {
+            Who::Everyone => true,
+            Who::SignedIn => user.is_some(),
+            Who::User(u) => user == Some(u.as_str()),
+        })
+    }
+
+    /// The actions `user` (None: anonymous) has on repository `name`.
+    pub(super) fn repo_actions(&self, user: Option<&str>, name: &str) -> u8 {
+        self.rules
+            .iter()
+            .filter(|r| Self::applies(r, user))
+            .filter(|r| r.repositories.iter().any(|p| glob(p, name)))
+            .fold(0, |acc, r| acc | r.actions)
+    }
+
+    pub(super) fn catalog_allowed(&self, user: Option<&str>) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.catalog && Self::applies(r, user))
+    }
+
+    fn rules_allow(&self, user: Option<&str>, need: &Need) -> bool {
+        match need {
+            Need::SignedIn => false,
+            Need::Repo(name, a) => self.repo_actions(user, name) & a == *a,
+            Need::Catalog => self.catalog_allowed(user),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authorizing a request
+
+/// What a request needs.
+pub(crate) enum Need {
+    /// Any valid credentials (the `/v2/` base endpoint).
+    SignedIn,
+    /// These actions (bit set) on this repository.
+    Repo(String, u8),
+    /// The catalog (`registry:catalog:*`).
+    Catalog,
+}
+
+impl Need {
+    pub(crate) fn pull(name: &str) -> Self {
+        Need::Repo(name.to_owned(), PULL)
+    }
+    pub(crate) fn push(name: &str) -> Self {
+        Need::Repo(name.to_owned(), PUSH)
+    }
+    pub(crate) fn delete(name: &str) -> Self {
+        Need::Repo(name.to_owned(), DELETE)
+    }
+
+    /// The `scope` of a challenge for this need. Pushing clients also need pull (to check
+    /// what is there), so a push challenge asks for both.
+    fn scope(&self) -> Option<String> {
+        match self {
+            Need::SignedIn => None,
+            Need::Catalog => Some("registry:catalog:*".into()),
+            Need::Repo(name, a) => {
+                let actions = if a & PUSH != 0 {
+                    "pull,push"
+                } else if a & DELETE != 0 {
+                    "delete"
+                } else {
+                    "pull"
+                };
+                Some(format!("repository:{name}:{actions}"))
+            }
+        }
+    }
+}
+
+/// Who made a request, and what they may do.
+pub(crate) struct Caller {
+    /// The authenticated user (or token subject); `None` for anonymous callers.
+    subject: Option<String>,
+    grants: Grants,
+}
+
+enum Grants {
+    /// Access control is off.
+    Everything,
+    /// Rules for this subject (anonymous or Basic-authenticated).
+    Rules,
+    /// A token's `access` claim (plus what everyone may do).
+    Token(Vec<ResourceActions>),
+}
+
+impl Caller {
+    pub(crate) fn unrestricted() -> Self {
+        Caller {
+            subject: None,
+            grants: Grants::Everything,
+        }
+    }
+
+    /// The subject upload sessions are bound to.
+    pub(crate) fn subject(&self) -> Option<&str> {
+        self.subject.as_deref()
+    }
+
+    /// Whether the caller may do what `need` says.
+    pub(crate) fn may(&self, auth: Option<&AuthConfig>, need: &Need) -> bool {
+        let Some(auth) = auth else { return true };
+        match &self.grants {
+            Grants::Everything => true,
+            Grants::Rules => {
+                matches!(need, Need::SignedIn) && self.subject.is_some()
+                    || auth.rules_allow(self.subject.as_deref(), need)
+            }
+            Grants::Token(access) => {
+                matches!(need, Need::SignedIn)
+                    || token_covers(access, need)
+                    || auth.rules_allow(None, need)
+            }
+        }
+    }
+}
+
+fn token_covers(access: &[ResourceActions], need: &Need) -> bool {
+    let has = |typ: &str, name: &str, action: &str| {
+        access.iter().any(|r| {
+            r.typ == typ && r.name == name && r.actions.iter().any(|a| a == action || a == "*")
+        })
+    };
+    match need {
+        Need::SignedIn => true,
+        Need::Catalog => has("registry", "catalog", "*"),
+        Need::Repo(name, a) => {
+            (a & PULL == 0 || has("repository", name, "pull"))
+                && (a & PUSH == 0 || has("repository", name, "push"))
+                && (a & DELETE == 0 || has("repository", name, "delete"))
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The realm advertised in challenges.
+    fn realm(&self, h: &HeaderMap, uri: &http::Uri) -> String {
+        if let Some(r) = &self.realm {
+            return r.clone();
+        }
+        let host = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| header_str(h, header::HOST).map(str::to_owned))
+            .unwrap_or_else(|| "localhost".to_owned());
+        let proto = header_str(h, "x-forwarded-proto")
+            .map(str::to_owned)
+            .or_else(|| uri.scheme_str().map(str::to_owned))
+            .unwrap_or_else(|| "http".to_owned());
+        format!("{proto}://{host}/token")
+    }
+
+    /// A 401 with the Bearer challenge for `need`.
+    fn challenge(
+        &self,
+        parts: &http::request::Parts,
+        need: &Need,
+        error: Option<&str>,
+        message: &str,
+    ) -> Error {
+        let mut c = format!(
+            "Bearer realm=\"{}\",service=\"{}\"",
+            self.realm(&parts.headers, &parts.uri),
+            self.service
+        );
+        if let Some(s) = need.scope() {
+            c.push_str(&format!(",scope=\"{s}\""));
+        }
+        if let Some(e) = error {
+            c.push_str(&format!(",error=\"{e}\""));
+        }
+        let mut e = Error::new(ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED, message);
+        if let Some(s) = need.scope() {
+            e = e.with_detail(access_detail(&s));
+        }
+        e.with_header(header::WWW_AUTHENTICATE, c)
+    }
+
+    /// Authorizes a request for `need`: the caller, or the error to answer with.
+    ///
+    /// - no credentials, and what everyone may do is not enough: 401 with a challenge;
+    /// - bad credentials (wrong password, bad, expired or tampered token): 401;
+    /// - a valid anonymous token lacking the access: 401 with a challenge;
+    /// - a valid token lacking the access, whose subject could get it: 403 `DENIED` with a
+    ///   challenge carrying `error="insufficient_scope"` (the client fetches a token for it);
+    /// - a known user who may not do this: 403 `DENIED`, no challenge.
+    ///
+    /// Nothing here reads storage: the answer is the same whether the repository exists or not.
+    pub(crate) fn authorize(
+        &self,
+        parts: &http::request::Parts,
+        need: &Need,
+        now: u64,
+    ) -> Result<Caller, Error> {
+        let authz = header_str(&parts.headers, header::AUTHORIZATION).unwrap_or("");
+        let (scheme, cred) = authz.split_once(' ').unwrap_or((authz, ""));
+        let cred = cred.trim();
+        if authz.is_empty() {
+            let caller = Caller {
+                subject: None,
+                grants: Grants::Rules,
+            };
+            return if caller.may(Some(self), need) {
+                Ok(caller)
+            } else {
+                Err(self.challenge(parts, need, None, "authentication required"))
+            };
+        }
+        if scheme.eq_ignore_ascii_case("basic") && self.basic {
+            let Some((user, password)) = decode_basic(cred) else {
+                return Err(self.challenge(parts, need, None, "malformed Basic credentials"));
+            };
+            if !self.check_password(&user, &password) {
+                return Err(self.challenge(parts, need, None, "invalid username or password"));
+            }
+            let caller = Caller {
+                subject: Some(user),
+                grants: Grants::Rules,
+            };
+            return if caller.may(Some(self), need) {
+                Ok(caller)
+            } else {
+                Err(denied(need))
+            };
+        }
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let claims = match self.verify_access_token(cred, now) {
+                Ok(c) => c,
+                Err(why) => {
+                    return Err(self.challenge(parts, need, Some("invalid_token"), why));
+                }
+            };
+            let subject = (!claims.sub.is_empty()).then_some(claims.sub);
+            let caller = Caller {
+                subject,
+                grants: Grants::Token(claims.access),
+            };
+            if caller.may(Some(self), need) {
+                return Ok(caller);
+            }
+            return match (&caller.subject, claims.external) {
+                // An anonymous token: signing in is the remedy.
+                (None, _) => Err(self.challenge(parts, need, None, "authentication required")),
+                // A user of ours who may not do this whatever token they fetch.
+                (Some(u), false) if !self.rules_allow(Some(u), need) => Err(denied(need)),
+                // A token for less than its subject may have: 403 with a challenge naming the
+                // scope (RFC 6750 §3.1, `insufficient_scope`), which clients that ask for a
+                // narrow token first (oras-py) answer by fetching a wider one.
+                _ => {
+                    let mut e = self.challenge(
+                        parts,
+                        need,
+                        Some("insufficient_scope"),
+                        "the token does not grant this access",
+                    );
+                    e.code = ErrorCode::Denied;
+                    e.status = StatusCode::FORBIDDEN;
+                    Err(e)
+                }
+            };
+        }
+        Err(self.challenge(parts, need, None, "unsupported authorization scheme"))
+    }
+
+    /// Checks a user's password. An unknown user costs the same as a wrong password.
+    pub(super) fn check_password(&self, user: &str, password: &str) -> bool {
+        match self.users.iter().find(|u| u.name == user) {
+            Some(u) => password_matches(&u.hash, password),
+            None => {
+                let _ = hash_password(password, false);
+                false
+            }
+        }
+    }
+}
+
+fn denied(need: &Need) -> Error {
+    let mut e = Error::new(
+        ErrorCode::Denied,
+        StatusCode::FORBIDDEN,
+        "requested access to the resource is denied",
+    );
+    if let Some(s) = need.scope() {
+        e = e.with_detail(access_detail(&s));
+    }
+    e
+}
+
+/// The `detail` of an auth error: the access asked for, as distribution reports it.
+fn access_detail(scope: &str) -> Value {
+    let mut it = scope.rsplitn(2, ':');
+    let actions = it.next().unwrap_or("");
+    let rest = it.next().unwrap_or("");
+    let (typ, name) = rest.split_once(':').unwrap_or((rest, ""));
+    json!([{"Type": typ, "Name": name, "Action": actions}])
+}
+
+pub(super) fn decode_basic(cred: &str) -> Option<(String, String)> {
+    let raw = STANDARD.decode(cred.as_bytes()).ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_owned(), p.to_owned()))
+}

@@ -1,0 +1,12 @@
+//! The hosts: implementations of the core's storage interfaces ([`crate::KeyValue`],
+//! [`crate::BlobStore`]), one module each. Each is self-contained; `tests/api.rs` runs the whole
+//! API suite on every one of them.
+//!
+//! - [`mem`]: in memory, for tests and embedding.
+//! - [`fs`]: a local directory (`std::fs` only, so also `wasi:filesystem`): the native
+//!   server's default, and the wasi:http component's storage.
+//! - [`kvblobs`]: a blob store on any key-value store, in chunks (Spin, which has no blob store).
+
+pub mod fs;
+pub mod kvblobs;
+pub mod mem;
