@@ -170,6 +170,20 @@ fn validate(bytes: &[u8], content_type: &str) -> Result<Parsed> {
         Some(Value::Object(m)) => Some(m.clone()),
         Some(_) => return Err(invalid("annotations must be an object")),
     };
+    // One document, one kind (the CVE-2021-41190 class): a document with both an index's
+    // `manifests` and a manifest's `config`/`layers` could be read as either by different
+    // clients, so it is refused, as distribution and containerd do.
+    let has = |k: &str| o.contains_key(k);
+    if is_index && (has("config") || has("layers")) {
+        return Err(invalid(
+            "an index must not carry config or layers (ambiguous manifest/index document)",
+        ));
+    }
+    if !is_index && has("manifests") {
+        return Err(invalid(
+            "an image manifest must not carry manifests (ambiguous manifest/index document)",
+        ));
+    }
     let mut references = Vec::new();
     let mut config_type = None;
     if is_index {
@@ -371,6 +385,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
 
         let key = layout::manifest(name, &digest);
+        // A digest keeps the media type it was first pushed with: a later PUT of the same bytes
+        // under another Content-Type must not change how the stored manifest is served.
+        if let Some(existing) = self.load_manifest(name, &digest).await?
+            && existing.media_type != parsed.media_type
+        {
+            return Err(invalid(format!(
+                "{digest} is already stored as {}, not {}",
+                existing.media_type, parsed.media_type
+            )));
+        }
         self.kv
             .set(
                 &key,

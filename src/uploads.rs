@@ -317,7 +317,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                         ),
                     ));
                 }
-                let len = end - start + 1;
+                // `end` may be u64::MAX: `end - start + 1` would wrap to 0 (and accept an empty
+                // chunk claiming 2^64 bytes).
+                let len = (end - start).checked_add(1).ok_or_else(|| {
+                    Error::bad_request(
+                        ErrorCode::BlobUploadInvalid,
+                        format!("invalid Content-Range {v:?}: the range is too large"),
+                    )
+                })?;
                 if let Some(d) = declared
                     && d != len
                 {

@@ -541,6 +541,20 @@ async fn chunked_upload(h: H) {
         assert_eq!(r.header("range"), Some("0-9999"));
         assert_eq!(r.header("location"), Some(loc2.as_str()));
     }
+    // A Content-Range ending at u64::MAX: its length does not fit (it used to wrap to 0 and be
+    // accepted as an empty chunk; a debug build panicked).
+    for range in ["10000-18446744073709551615", "0-18446744073709551615"] {
+        let r = h
+            .send(
+                Method::PATCH,
+                &loc2,
+                &[("content-range", range), ("content-length", "0")],
+                b"",
+            )
+            .await;
+        assert!(r.status == 400 || r.status == 416, "{range}: {}", r.status);
+        assert_eq!(h.get(&loc2).await.header("range"), Some("0-9999"));
+    }
     // A Content-Range that disagrees with Content-Length.
     h.send(
         Method::PATCH,
@@ -967,6 +981,24 @@ async fn manifest_validation(h: H) {
     let r = put(serde_json::to_vec(&with_subject).unwrap(), OCI_MANIFEST).await;
     r.expect(201);
     assert_eq!(r.header("oci-subject"), Some(subject.as_str()));
+    // Both an index's `manifests` and a manifest's `config`/`layers` (CVE-2021-41190): refused
+    // whatever type it is pushed as, so one digest can never be served as two types.
+    let mut both = v.clone();
+    both.as_object_mut().unwrap().remove("mediaType");
+    both["manifests"] = json!([]);
+    let both = serde_json::to_vec(&both).unwrap();
+    put(both.clone(), OCI_MANIFEST)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    h.put_manifest("val", &sha256(&both), OCI_INDEX, &both)
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    put(both.clone(), "")
+        .await
+        .expect_error(400, "MANIFEST_INVALID");
+    h.get(&format!("/v2/val/manifests/{}", sha256(&both)))
+        .await
+        .expect_error(404, "MANIFEST_UNKNOWN");
     // No Content-Type: the mediaType field decides.
     put(m.clone(), "").await.expect(201);
     // Nothing invalid was stored under "t" in between: it is the last valid push.

@@ -1270,9 +1270,81 @@ async fn realm_from_the_host_header() {
         &[("host", "reg.example"), ("x-forwarded-proto", "https")],
     )
     .await;
+    // X-Forwarded-Proto is client input unless a proxy is configured as setting it.
     assert!(
         resp.unauthorized()
-            .starts_with("Bearer realm=\"https://reg.example/token\"")
+            .starts_with("Bearer realm=\"http://reg.example/token\""),
+        "{}",
+        resp.unauthorized()
+    );
+    // A Host that would inject challenge parameters, or carries userinfo or a path, is not
+    // used: the realm falls back to localhost and holds exactly the parameters we put there.
+    for host in [
+        "evil.example/x\",service=\"other",
+        "evil.example\"",
+        "user@evil.example",
+        "evil.example/path",
+        "evil example",
+        "evil.example:80x",
+    ] {
+        let resp = call_h(&r, "GET", "/v2/", Cred::None, b"", &[("host", host)]).await;
+        assert_eq!(
+            resp.unauthorized(),
+            "Bearer realm=\"http://localhost/token\",service=\"test-registry\"",
+            "Host {host:?}"
+        );
+    }
+    let resp = call_h(
+        &r,
+        "GET",
+        "/v2/",
+        Cred::None,
+        b"",
+        &[("host", "[::1]:5000")],
+    )
+    .await;
+    assert!(
+        resp.unauthorized()
+            .starts_with("Bearer realm=\"http://[::1]:5000/token\""),
+        "{}",
+        resp.unauthorized()
+    );
+
+    let trusting = toml.replace("[auth]\n", "[auth]\ntrust_forwarded_proto = true\n");
+    assert_ne!(trusting, toml);
+    let r = registry_with(&trusting);
+    for (proto, want) in [("https", "https"), ("HTTPS", "https"), ("gopher", "http")] {
+        let resp = call_h(
+            &r,
+            "GET",
+            "/v2/",
+            Cred::None,
+            b"",
+            &[("host", "reg.example"), ("x-forwarded-proto", proto)],
+        )
+        .await;
+        assert!(
+            resp.unauthorized()
+                .starts_with(&format!("Bearer realm=\"{want}://reg.example/token\"")),
+            "{proto}: {}",
+            resp.unauthorized()
+        );
+    }
+}
+
+/// Every challenge parameter is a quoted-string with `"` and `\` escaped (RFC 9110 §5.6.4),
+/// whatever the configured service holds.
+#[tokio::test]
+async fn challenge_parameters_are_escaped() {
+    let toml = config_toml("").replace("service = \"test-registry\"", "service = 'reg\"istry\\x'");
+    assert!(toml.contains("reg\"istry"), "{toml}");
+    let r = registry_with(&toml);
+    let resp = call(&r, "GET", "/v2/team-a/app/tags/list", Cred::None, b"").await;
+    assert_eq!(
+        resp.unauthorized(),
+        format!(
+            "Bearer realm=\"{REALM}\",service=\"reg\\\"istry\\\\x\",scope=\"repository:team-a/app:pull\""
+        )
     );
 }
 

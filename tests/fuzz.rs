@@ -201,7 +201,14 @@ async fn random_requests_never_fail_the_server() {
             2 => "?digest-algorithm=sha512".to_owned(),
             3 => format!(
                 "?n={}&last={d}",
-                rng.pick(&["0", "1", "-1", "x", "99999999999999999999"])
+                rng.pick(&[
+                    "0",
+                    "1",
+                    "-1",
+                    "x",
+                    "99999999999999999999",
+                    "18446744073709551615",
+                ])
             ),
             4 => format!("?tag={d}&tag=ok"),
             5 => "?artifactType=a%2Fb".to_owned(),
@@ -238,6 +245,10 @@ async fn random_requests_never_fail_the_server() {
                     "garbage",
                     "1-99999999999999999999",
                     "0-3",
+                    // u64::MAX: `end - start + 1` must not wrap.
+                    "0-18446744073709551615",
+                    "18446744073709551615-18446744073709551615",
+                    "bytes 0-18446744073709551615/*",
                 ])
                 .to_string();
             req = req.header("content-range", v);
@@ -251,6 +262,9 @@ async fn random_requests_never_fail_the_server() {
                     "bytes=1-0",
                     "bytes=0-1,2-3",
                     "x",
+                    "bytes=18446744073709551615-",
+                    "bytes=-18446744073709551615",
+                    "bytes=0-18446744073709551615",
                 ])
                 .to_string();
             req = req.header("range", v);
@@ -269,7 +283,13 @@ async fn random_requests_never_fail_the_server() {
         }
         if rng.below(4) == 0 {
             let v = rng
-                .pick(&["0", "1", "abc", "99999999999999999999"])
+                .pick(&[
+                    "0",
+                    "1",
+                    "abc",
+                    "99999999999999999999",
+                    "18446744073709551615",
+                ])
                 .to_string();
             req = req.header("content-length", v);
         }

@@ -25,6 +25,7 @@ struct RawAuth {
     token_ttl: Option<u64>,
     refresh_ttl: Option<u64>,
     basic: Option<bool>,
+    trust_forwarded_proto: Option<bool>,
     #[serde(default)]
     users: Vec<RawUser>,
     #[serde(default)]
@@ -79,7 +80,8 @@ impl AuthConfig {
     ///   with a filesystem may fill it from a file, as the wasi:http component does with
     ///   `DOCKSIDE_AUTH_CONFIG_FILE`);
     /// - `DOCKSIDE_AUTH_SECRET`, `DOCKSIDE_AUTH_REALM`, `DOCKSIDE_AUTH_SERVICE`,
-    ///   `DOCKSIDE_AUTH_ISSUER` and `DOCKSIDE_AUTH_TOKEN_TTL` override its fields.
+    ///   `DOCKSIDE_AUTH_ISSUER`, `DOCKSIDE_AUTH_TOKEN_TTL` and
+    ///   `DOCKSIDE_AUTH_TRUST_FORWARDED_PROTO` override its fields.
     ///
     /// `Ok(None)` when there is no `[auth]` table anywhere: access control is off. Reads no
     /// file itself (the Spin component has no filesystem).
@@ -118,6 +120,17 @@ impl AuthConfig {
         }
         if let Some(v) = get("DOCKSIDE_AUTH_ISSUER") {
             raw.issuer = Some(v);
+        }
+        if let Some(v) = get("DOCKSIDE_AUTH_TRUST_FORWARDED_PROTO") {
+            raw.trust_forwarded_proto = Some(match v.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => {
+                    return Err(format!(
+                        "DOCKSIDE_AUTH_TRUST_FORWARDED_PROTO must be true or false, not {v:?}"
+                    ));
+                }
+            });
         }
         if let Some(v) = get("DOCKSIDE_AUTH_TOKEN_TTL") {
             raw.token_ttl = Some(v.trim().parse().map_err(|_| {
@@ -233,6 +246,7 @@ impl AuthConfig {
             token_ttl: raw.token_ttl.unwrap_or(DEFAULT_TOKEN_TTL).max(1),
             refresh_ttl: raw.refresh_ttl.unwrap_or(DEFAULT_REFRESH_TTL).max(1),
             basic: raw.basic.unwrap_or(true),
+            trust_forwarded_proto: raw.trust_forwarded_proto.unwrap_or(false),
             secret,
             users,
             rules,
@@ -272,7 +286,15 @@ fn parse_public_key(pem: &str) -> Result<PublicKey, String> {
 /// (19 MiB, 2 passes), or bcrypt at cost 12.
 pub fn hash_password(password: &str, use_bcrypt: bool) -> Result<String, String> {
     if use_bcrypt {
-        bcrypt::hash(password, 12).map_err(|e| e.to_string())
+        // bcrypt reads at most 72 bytes (71 and a NUL): refuse rather than drop the rest.
+        if password.len() > BCRYPT_MAX_PASSWORD {
+            return Err(format!(
+                "bcrypt uses only the first {BCRYPT_MAX_PASSWORD} bytes of a password and this \
+                 one has {}: use argon2id (the default) or a shorter password",
+                password.len()
+            ));
+        }
+        bcrypt::non_truncating_hash(password, 12).map_err(|e| e.to_string())
     } else {
         use argon2::password_hash::PasswordHasher;
         argon2::Argon2::default()
@@ -282,8 +304,27 @@ pub fn hash_password(password: &str, use_bcrypt: bool) -> Result<String, String>
     }
 }
 
+/// Longest password bcrypt reads in full, in bytes (72 with its terminating NUL; the `bcrypt`
+/// crate's non-truncating functions refuse 72 and more).
+pub const BCRYPT_MAX_PASSWORD: usize = 71;
+
+/// What the cost of checking a password against `hash` depends on: the algorithm and its
+/// parameters (argon2's variant, version, memory, passes, lanes; bcrypt's cost), not the salt
+/// or the hash. Checks against two hashes of one scheme take the same time.
+pub(super) fn hash_scheme(hash: &str) -> &str {
+    if hash.starts_with("$argon2") {
+        // $argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>: all but the last two fields.
+        hash.rsplitn(3, '$').nth(2).unwrap_or(hash)
+    } else {
+        // $2b$12$<salt+hash>: the cost (the variants 2a/2b/2y cost the same).
+        hash.get(4..6).unwrap_or(hash)
+    }
+}
+
 /// Checks a password against an argon2 or bcrypt hash (constant time in the crates).
 pub(super) fn password_matches(hash: &str, password: &str) -> bool {
+    #[cfg(test)]
+    VERIFICATIONS.with(|c| c.set(c.get() + 1));
     if hash.starts_with("$argon2") {
         use argon2::password_hash::PasswordVerifier;
         match argon2::password_hash::phc::PasswordHash::new(hash) {
@@ -293,6 +334,15 @@ pub(super) fn password_matches(hash: &str, password: &str) -> bool {
             Err(_) => false,
         }
     } else {
-        bcrypt::verify(password, hash).unwrap_or(false)
+        // A password longer than bcrypt reads never matches: with plain `verify`, anything
+        // sharing the first 72 bytes would.
+        bcrypt::non_truncating_verify(password, hash).unwrap_or(false)
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Password verifications run on this thread (tests count them: every check must cost the
+    /// same number, whoever the user).
+    pub(super) static VERIFICATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }

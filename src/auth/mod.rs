@@ -56,6 +56,9 @@ pub struct AuthConfig {
     pub refresh_ttl: u64,
     /// Whether Basic credentials are accepted on `/v2/` requests.
     pub basic: bool,
+    /// Whether `X-Forwarded-Proto` (`http` or `https` only) picks the scheme of a realm derived
+    /// from the request. Off by default: only a proxy in front of dockside should set it.
+    pub trust_forwarded_proto: bool,
     secret: Option<Vec<u8>>,
     users: Vec<User>,
     rules: Vec<Rule>,
@@ -159,6 +162,74 @@ mod tests {
         assert!(glob("public", "public"));
         assert!(!glob("public", "public2"));
         assert!(glob("*/base", "library/base"));
+    }
+
+    fn cheap_argon2(password: &str, m_kib: u32) -> String {
+        use argon2::password_hash::{PasswordHasher, phc::SaltString};
+        let params = argon2::Params::new(m_kib, 1, 1, None).unwrap();
+        let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").unwrap();
+        a.hash_password_with_salt(password.as_bytes(), salt.as_bytes())
+            .unwrap()
+            .to_string()
+    }
+
+    /// Every password check costs one verification per hash scheme in use, whether the user
+    /// exists, has an argon2 or a bcrypt hash, or is given the right password: the time of an
+    /// answer tells nothing about which names are users.
+    #[test]
+    fn password_checks_cost_the_same_for_every_user() {
+        let toml = format!(
+            "[auth]\nservice = \"s\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+             [[auth.users]]\nname = \"argon\"\npassword_hash = \"{}\"\n\
+             [[auth.users]]\nname = \"argon-big\"\npassword_hash = \"{}\"\n\
+             [[auth.users]]\nname = \"crypt\"\npassword_hash = \"{}\"\n\
+             [[auth.users]]\nname = \"crypt2\"\npassword_hash = \"{}\"\n",
+            cheap_argon2("a-pw", 64),
+            cheap_argon2("b-pw", 128),
+            bcrypt::hash("c-pw", 4).unwrap(),
+            bcrypt::hash("d-pw", 4).unwrap(),
+        );
+        let auth = AuthConfig::from_toml(&toml).unwrap().unwrap();
+        let cost = |user: &str, pw: &str| {
+            config::VERIFICATIONS.with(|c| c.set(0));
+            let ok = auth.check_password(user, pw);
+            (ok, config::VERIFICATIONS.with(|c| c.get()))
+        };
+        // Three schemes: argon2 m=64, argon2 m=128, bcrypt cost 4.
+        assert_eq!(cost("argon", "a-pw"), (true, 3));
+        assert_eq!(cost("argon", "wrong"), (false, 3));
+        assert_eq!(cost("argon-big", "b-pw"), (true, 3));
+        assert_eq!(cost("crypt", "c-pw"), (true, 3));
+        assert_eq!(cost("crypt2", "wrong"), (false, 3));
+        assert_eq!(cost("nobody", "a-pw"), (false, 3));
+        // Another user's password never works.
+        assert_eq!(cost("crypt", "d-pw"), (false, 3));
+    }
+
+    /// bcrypt reads 72 bytes of a password: longer ones are refused when hashing, and never
+    /// match when checking (a plain bcrypt check accepts any suffix after byte 72).
+    #[test]
+    fn long_bcrypt_passwords_are_never_truncated() {
+        let long = format!("{}secret", "x".repeat(72));
+        assert!(hash_password(&long, true).is_err());
+        assert!(hash_password(&"x".repeat(72), true).is_err());
+        assert!(hash_password(&"x".repeat(71), true).is_ok());
+        assert!(hash_password(&long, false).is_ok());
+        // A hash made elsewhere by a truncating bcrypt (htpasswd, bcrypt::hash).
+        let truncated = bcrypt::hash(&long, 4).unwrap();
+        let toml = format!(
+            "[auth]\nservice = \"s\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n[[auth.users]]\nname = \"ci\"\npassword_hash = \"{truncated}\"\n"
+        );
+        let auth = AuthConfig::from_toml(&toml).unwrap().unwrap();
+        assert!(!auth.check_password("ci", &format!("{}guess", "x".repeat(72))));
+        assert!(!auth.check_password("ci", &long));
+        let short = bcrypt::hash("short", 4).unwrap();
+        let toml = format!(
+            "[auth]\nservice = \"s\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n[[auth.users]]\nname = \"ci\"\npassword_hash = \"{short}\"\n"
+        );
+        let auth = AuthConfig::from_toml(&toml).unwrap().unwrap();
+        assert!(auth.check_password("ci", "short"));
     }
 
     #[test]

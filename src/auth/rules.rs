@@ -5,7 +5,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, StatusCode, header};
 use serde_json::{Value, json};
 
-use super::config::password_matches;
+use super::config::{hash_scheme, password_matches};
 use super::*;
 use crate::error::{Error, ErrorCode};
 use crate::request::header_str;
@@ -179,19 +179,28 @@ fn token_covers(access: &[ResourceActions], need: &Need) -> bool {
 }
 
 impl AuthConfig {
-    /// The realm advertised in challenges.
+    /// The realm advertised in challenges: the configured one, else built from the request's
+    /// host, taken only when it is a plain `host[:port]` (a `Host` is client input and lands in
+    /// a header parameter clients follow with credentials).
     fn realm(&self, h: &HeaderMap, uri: &http::Uri) -> String {
         if let Some(r) = &self.realm {
             return r.clone();
         }
         let host = uri
             .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| header_str(h, header::HOST).map(str::to_owned))
-            .unwrap_or_else(|| "localhost".to_owned());
-        let proto = header_str(h, "x-forwarded-proto")
-            .map(str::to_owned)
+            .map(|a| a.as_str())
+            .or_else(|| header_str(h, header::HOST))
+            .filter(|h| plain_host(h))
+            .unwrap_or("localhost");
+        let forwarded = self
+            .trust_forwarded_proto
+            .then(|| header_str(h, "x-forwarded-proto"))
+            .flatten()
+            .map(str::to_ascii_lowercase)
+            .filter(|p| p == "http" || p == "https");
+        let proto = forwarded
             .or_else(|| uri.scheme_str().map(str::to_owned))
+            .filter(|p| p == "http" || p == "https")
             .unwrap_or_else(|| "http".to_owned());
         format!("{proto}://{host}/token")
     }
@@ -205,15 +214,15 @@ impl AuthConfig {
         message: &str,
     ) -> Error {
         let mut c = format!(
-            "Bearer realm=\"{}\",service=\"{}\"",
-            self.realm(&parts.headers, &parts.uri),
-            self.service
+            "Bearer realm={},service={}",
+            quoted(&self.realm(&parts.headers, &parts.uri)),
+            quoted(&self.service)
         );
         if let Some(s) = need.scope() {
-            c.push_str(&format!(",scope=\"{s}\""));
+            c.push_str(&format!(",scope={}", quoted(&s)));
         }
         if let Some(e) = error {
-            c.push_str(&format!(",error=\"{e}\""));
+            c.push_str(&format!(",error={}", quoted(e)));
         }
         let mut e = Error::new(ErrorCode::Unauthorized, StatusCode::UNAUTHORIZED, message);
         if let Some(s) = need.scope() {
@@ -308,16 +317,88 @@ impl AuthConfig {
         Err(self.challenge(parts, need, None, "unsupported authorization scheme"))
     }
 
-    /// Checks a user's password. An unknown user costs the same as a wrong password.
+    /// Checks a user's password. Every check costs the same, whoever the user and whether they
+    /// exist: one verification per distinct hash scheme among the configured users (against
+    /// the user's own hash for theirs, and against another user's hash of each other scheme,
+    /// result discarded). Otherwise the time of a wrong password would tell which names are
+    /// users, and which of them have bcrypt (slow) or argon2 hashes.
     pub(super) fn check_password(&self, user: &str, password: &str) -> bool {
-        match self.users.iter().find(|u| u.name == user) {
-            Some(u) => password_matches(&u.hash, password),
-            None => {
-                let _ = hash_password(password, false);
-                false
+        let target = self.users.iter().find(|u| u.name == user);
+        let mut matched = false;
+        let mut seen: Vec<&str> = Vec::new();
+        for u in &self.users {
+            let scheme = hash_scheme(&u.hash);
+            if seen.contains(&scheme) {
+                continue;
+            }
+            seen.push(scheme);
+            match target {
+                Some(t) if hash_scheme(&t.hash) == scheme => {
+                    matched = password_matches(&t.hash, password);
+                }
+                // A stand-in of the same cost; its answer means nothing.
+                _ => {
+                    let _ = password_matches(&u.hash, password);
+                }
             }
         }
+        matched && target.is_some()
     }
+}
+
+/// Whether `h` is a bare `host[:port]`: a DNS name or IPv4 address, or a bracketed IPv6
+/// address, and an optional numeric port. No userinfo, path, quote or space.
+pub(super) fn plain_host(h: &str) -> bool {
+    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.is_empty()
+            || !v6
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match after {
+            "" => ("x", None),
+            p => match p.strip_prefix(':') {
+                Some(p) => ("x", Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        match h.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (h, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
+}
+
+/// An RFC 9110 quoted-string: `"` and `\` escaped, control characters dropped.
+pub(super) fn quoted(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn denied(need: &Need) -> Error {
