@@ -184,8 +184,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let data = &args.data;
     let open = || -> std::io::Result<DirRegistry> {
+        let kv = dockside::FsKv::new(data.join("kv"))?.fsync(!args.no_fsync);
+        kv.check_case_sensitive()?;
         Ok(dockside::Registry::new(
-            dockside::FsKv::new(data.join("kv"))?.fsync(!args.no_fsync),
+            kv,
             FsBlobs::new(data)?.fsync(!args.no_fsync),
             config,
         ))

@@ -521,12 +521,35 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         sub: Option<&str>,
     ) -> Result<RegistryResponse<B>> {
         let s = self.load_session(name, id, sub).await?;
-        self.drop_session(&s.key, &s.id, &s.record).await?;
+        if !self.drop_session(&s.key, &s.id, &s.raw, &s.record).await? {
+            // A closing PUT (or another cancel) claimed it first: the parts are theirs.
+            return Err(upload_unknown());
+        }
         Ok(empty_response(StatusCode::NO_CONTENT, &[]))
     }
 
-    /// Removes a session: its record, its parts, its index entry.
-    async fn drop_session(&self, key: &str, id: &UploadId, record: &UploadRecord) -> Result<()> {
+    /// Removes a session: its record, its parts, its index entry. Like the closing PUT, it
+    /// first claims the session (`raw` as loaded → `closing`) with a compare-and-swap, so a
+    /// PUT that already claimed it, and may be making the parts a blob, keeps them: deleting
+    /// them then would leave a blob whose bytes are gone. False when the claim was lost.
+    async fn drop_session(
+        &self,
+        key: &str,
+        id: &UploadId,
+        raw: &[u8],
+        record: &UploadRecord,
+    ) -> Result<bool> {
+        if record.closing {
+            return Ok(false);
+        }
+        let claimed = UploadRecord {
+            closing: true,
+            ..record.clone()
+        };
+        let claimed = serde_json::to_vec(&claimed).expect("serializes");
+        if !self.kv.compare_and_swap(key, Some(raw), &claimed).await? {
+            return Ok(false);
+        }
         self.kv.delete(key).await?;
         for p in &record.parts {
             self.blobs.delete(p).await?;
@@ -534,7 +557,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         self.kv
             .delete(&layout::upload_index(record.started, id))
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Cancels every upload session started more than `max_age_secs` ago, freeing its parts
@@ -573,10 +596,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                     let key = layout::upload(&name, &id);
                     if let Some(raw) = self.kv.get(&key).await?
                         && let Ok(record) = serde_json::from_slice::<UploadRecord>(&raw)
-                    {
-                        self.drop_session(&key, &id, &record)
+                        && self
+                            .drop_session(&key, &id, &raw, &record)
                             .await
-                            .map_err(|e| StoreError::new(e.message))?;
+                            .map_err(|e| StoreError::new(e.message))?
+                    {
                         removed += 1;
                     }
                 }

@@ -61,8 +61,8 @@ fn write_file(path: &Path, data: &[u8], fsync: bool) -> io::Result<()> {
 pub struct FsKv {
     root: PathBuf,
     fsync: bool,
-    /// Serializes compare-and-swap within this process. A directory shared by several processes
-    /// gets only the default read-then-write guarantee.
+    /// Serializes compare-and-swap within this process; a lock file per key ([`KeyLock`])
+    /// serializes it across processes and wasm instances sharing the directory.
     cas: Arc<Mutex<()>>,
 }
 
@@ -82,6 +82,25 @@ impl FsKv {
     pub fn fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
         self
+    }
+
+    /// Fails on a case-insensitive filesystem (macOS's and Windows' defaults): keys keep
+    /// upper-case letters in file names, so tags `Latest` and `latest` would be one file
+    /// there, and pushing one would silently move the other. The native server checks this
+    /// at start.
+    pub fn check_case_sensitive(&self) -> io::Result<()> {
+        let probe = format!(".case-probe-{}", nonce());
+        let upper = self.root.join(format!("{probe}-A"));
+        File::create(&upper)?;
+        let folded = fs::metadata(self.root.join(format!("{probe}-a"))).is_ok();
+        let _ = fs::remove_file(&upper);
+        if folded {
+            return Err(io::Error::other(
+                "the filesystem is case-insensitive, so tags differing only in case would \
+                 collide: use a case-sensitive volume",
+            ));
+        }
+        Ok(())
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
@@ -230,12 +249,77 @@ impl KeyValue for FsKv {
         expected: Option<&[u8]>,
         new: &[u8],
     ) -> Result<bool, StoreError> {
+        // Threads of this process queue on the mutex; other processes and other instances
+        // (wasmtime serve runs one per request on the same directory) on the lock file.
         let _guard = self.cas.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.path(key)?;
+        let _lock = KeyLock::acquire(&path)?;
         if self.get_now(key)?.as_deref() != expected {
             return Ok(false);
         }
         self.set_now(key, new)?;
         Ok(true)
+    }
+}
+
+/// An exclusive lock on one key, for compare-and-swap across processes and instances: a file
+/// `.lock-<name>` beside the key's file, created with `O_EXCL` (`create_new`, which
+/// `wasi:filesystem` provides too) and removed on drop. Dot-files are never keys, so listings
+/// skip it.
+struct KeyLock(PathBuf);
+
+/// How long a compare-and-swap waits for another holder before giving up (a store error).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// A lock file older than this was left by a holder that crashed: a compare-and-swap holds it
+/// for one read and one small write, milliseconds.
+const LOCK_STALE: Duration = Duration::from_secs(30);
+
+impl KeyLock {
+    fn acquire(key_path: &Path) -> Result<KeyLock, StoreError> {
+        let dir = key_path.parent().expect("a key path has a parent");
+        let name = key_path.file_name().expect("a key path has a name");
+        let lock = dir.join(format!(".lock-{}", name.to_string_lossy()));
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(_) => return Ok(KeyLock(lock)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir)?,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let stale = fs::metadata(&lock)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| SystemTime::now().duration_since(t).ok())
+                        .is_some_and(|age| age > LOCK_STALE);
+                    if stale {
+                        // Left by a crashed holder. Of several waiters that see it stale, one
+                        // removes it and the others find it gone or fresh on their next try.
+                        tracing::warn!(lock = %lock.display(), "removing a stale key lock");
+                        let _ = fs::remove_file(&lock);
+                        continue;
+                    }
+                    if start.elapsed() > LOCK_WAIT {
+                        return Err(StoreError::new(format!(
+                            "timed out waiting for the lock {}",
+                            lock.display()
+                        )));
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
     }
 }
 
@@ -561,5 +645,45 @@ mod tests {
             assert!(!e.contains('/') && !e.contains('='), "{e}");
             assert_eq!(unescape(&e).as_deref(), Some(s));
         }
+    }
+
+    /// Linux filesystems are case-sensitive: the probe passes and leaves nothing behind.
+    #[test]
+    fn case_probe_passes_on_a_case_sensitive_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = FsKv::new(dir.path()).unwrap();
+        kv.check_case_sensitive().unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A lock file left by a crashed holder is taken over once stale; a fresh one is waited on.
+    #[test]
+    fn key_locks_are_exclusive_and_recover_from_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k=");
+        let held = KeyLock::acquire(&key).unwrap();
+        let lock_file = dir.path().join(".lock-k=");
+        assert!(lock_file.exists());
+        // Another holder waits until the first lets go.
+        let t = std::thread::spawn({
+            let key = key.clone();
+            move || {
+                let start = std::time::Instant::now();
+                let _l = KeyLock::acquire(&key).unwrap();
+                start.elapsed()
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        drop(held);
+        assert!(t.join().unwrap() >= Duration::from_millis(150));
+        assert!(!lock_file.exists());
+        // A crash left the lock behind, long ago: taken over at once.
+        let f = File::create(&lock_file).unwrap();
+        f.set_modified(SystemTime::now() - LOCK_STALE * 2).unwrap();
+        drop(f);
+        let start = std::time::Instant::now();
+        drop(KeyLock::acquire(&key).unwrap());
+        assert!(start.elapsed() < LOCK_WAIT);
+        assert!(!lock_file.exists());
     }
 }
