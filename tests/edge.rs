@@ -540,3 +540,89 @@ async fn limits_from_the_environment() {
     let text = r.text().await.unwrap();
     assert!(text.contains("DOCKSIDE_MAX_CHUNK_BYTES"), "{text}");
 }
+
+/// 16 clients PATCH the same first chunk of one upload session at once, 20 rounds, under
+/// `wasmtime serve` (a fresh instance per request, the directory host over wasi:filesystem):
+/// exactly one wins each round (the others get 416 with the session's state), so no accepted
+/// chunk is silently dropped, and the session then closes into a blob that matches its digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_patches_on_one_session_have_one_winner() {
+    let wt = serve();
+    let base = format!("http://{}", wt.addr);
+    let http = reqwest::Client::new();
+    for round in 0..20u64 {
+        let r = http
+            .post(format!("{base}/v2/race/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let loc = r.headers()["location"].to_str().unwrap().to_owned();
+        let loc = if loc.starts_with('/') {
+            format!("{base}{loc}")
+        } else {
+            loc
+        };
+        let chunk = pseudo_random(64 * 1024, round);
+        let range = format!("0-{}", chunk.len() - 1);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (http, loc, chunk, range) =
+                    (http.clone(), loc.clone(), chunk.clone(), range.clone());
+                tokio::spawn(async move {
+                    let r = http
+                        .patch(&loc)
+                        .header("content-range", range)
+                        .header("content-type", "application/octet-stream")
+                        .body(chunk)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    let loc = r
+                        .headers()
+                        .get("location")
+                        .map(|l| l.to_str().unwrap().to_owned());
+                    (status, loc)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            let (status, l) = t.await.unwrap();
+            match status {
+                202 => winners.push(l.unwrap()),
+                416 => {}
+                s => panic!("round {round}: a racing PATCH answered {s}"),
+            }
+        }
+        assert_eq!(
+            winners.len(),
+            1,
+            "round {round}: {} PATCHes won",
+            winners.len()
+        );
+        let next = &winners[0];
+        let next = if next.starts_with('/') {
+            format!("{base}{next}")
+        } else {
+            next.clone()
+        };
+        let sep = if next.contains('?') { '&' } else { '?' };
+        let r = http
+            .put(format!("{next}{sep}digest={}", sha256(&chunk)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "round {round}");
+        let got = http
+            .get(format!("{base}/v2/race/blobs/{}", sha256(&chunk)))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(got == chunk, "round {round}: the blob does not match");
+    }
+}
