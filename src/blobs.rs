@@ -77,6 +77,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         };
         let digest_s = digest.to_string();
+        // Off to the store: the client fetches the bytes (and its Range) from a presigned URL.
+        if !head
+            && let Some(ttl) = self.config.blob_redirect
+            && let Some(url) = self.blobs.redirect_url(&layout::blob_data(&digest), ttl)
+        {
+            return Ok(empty_response(
+                StatusCode::TEMPORARY_REDIRECT,
+                &[("location", url), ("docker-content-digest", digest_s)],
+            ));
+        }
         let mut headers = vec![
             ("docker-content-digest", digest_s.clone()),
             ("accept-ranges", "bytes".to_owned()),

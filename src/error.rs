@@ -7,20 +7,57 @@
 use http::StatusCode;
 use serde_json::Value;
 
-/// A failure of a host store (key-value or blob). Opaque to clients.
+/// A failure of a host store (key-value or blob). Opaque to clients: they see the status of
+/// its [`StoreErrorKind`] and a generic message; the detail goes to the log.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("storage error: {0}")]
-pub struct StoreError(pub String);
+#[error("storage error: {message}")]
+pub struct StoreError {
+    pub message: String,
+    pub kind: StoreErrorKind,
+}
+
+/// What kind of storage failure, for the status a client gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// Anything else: 500.
+    Other,
+    /// The store cannot be reached, times out, or throttles: 503 with `Retry-After`, since
+    /// trying again later may well work.
+    Unavailable,
+    /// The store is out of space: 507.
+    Full,
+}
 
 impl StoreError {
     pub fn new(msg: impl Into<String>) -> Self {
-        StoreError(msg.into())
+        StoreError {
+            message: msg.into(),
+            kind: StoreErrorKind::Other,
+        }
+    }
+
+    /// A store that cannot be reached, timed out or throttled (answered 503).
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        StoreError {
+            message: msg.into(),
+            kind: StoreErrorKind::Unavailable,
+        }
     }
 }
 
 impl From<std::io::Error> for StoreError {
     fn from(e: std::io::Error) -> Self {
-        StoreError(e.to_string())
+        let kind = match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                StoreErrorKind::Full
+            }
+            std::io::ErrorKind::TimedOut => StoreErrorKind::Unavailable,
+            _ => StoreErrorKind::Other,
+        };
+        StoreError {
+            message: e.to_string(),
+            kind,
+        }
     }
 }
 
@@ -127,11 +164,24 @@ impl Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         // The detail is logged here, once, and kept from the client.
-        tracing::error!(error = %e.0, "storage failure");
-        Error::new(
-            ErrorCode::Unknown,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal storage error",
-        )
+        tracing::error!(error = %e.message, kind = ?e.kind, "storage failure");
+        match e.kind {
+            StoreErrorKind::Other => Error::new(
+                ErrorCode::Unknown,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal storage error",
+            ),
+            StoreErrorKind::Unavailable => Error::new(
+                ErrorCode::Unknown,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage is unavailable; try again later",
+            )
+            .with_header(http::header::RETRY_AFTER, "5"),
+            StoreErrorKind::Full => Error::new(
+                ErrorCode::Unknown,
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage is full",
+            ),
+        }
     }
 }

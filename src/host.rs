@@ -1,4 +1,5 @@
-//! The two host interfaces: everything the core needs from the place it runs.
+//! The storage host interfaces: everything the core needs from the place it runs (the third,
+//! an outbound HTTP client, is in [`crate::http_client`]).
 //!
 //! The core never does I/O itself: it calls these traits, and an adapter supplies
 //! implementations (memory, a local directory, Spin's key-value store, ...). Methods are async
@@ -110,6 +111,13 @@ pub trait BlobStore {
         parts: &[String],
         dest: &str,
     ) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// A URL from which a client may fetch the object at `path` itself for `ttl` (a presigned
+    /// URL of object storage), or `None` when the store cannot make one (the default).
+    fn redirect_url(&self, path: &str, ttl: std::time::Duration) -> Option<String> {
+        let _ = (path, ttl);
+        None
+    }
 }
 
 /// One page of a key listing, for hosts that can only enumerate keys (Spin's key-value store

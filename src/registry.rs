@@ -44,6 +44,10 @@ pub struct Config {
     pub drain_limit: u64,
     /// Access control (`[auth]`); `None`, the default, lets everyone do everything.
     pub auth: Option<Arc<AuthConfig>>,
+    /// Blob GETs answer `307` to a presigned URL of the blob store, valid this long, when the
+    /// store can make one (S3): the bytes of a pull then never pass through dockside. `None`
+    /// (the default) serves them.
+    pub blob_redirect: Option<std::time::Duration>,
 }
 
 impl Default for Config {
@@ -59,6 +63,7 @@ impl Default for Config {
             page_size: 1000,
             drain_limit: 64 * 1024 * 1024,
             auth: None,
+            blob_redirect: None,
         }
     }
 }
@@ -67,7 +72,8 @@ impl Config {
     /// The configuration from `DOCKSIDE_*` settings, looked up with `get` (environment
     /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
     /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
-    /// `DOCKSIDE_NO_TAG_DELETE`, and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
+    /// `DOCKSIDE_NO_TAG_DELETE`, `DOCKSIDE_BLOB_REDIRECT` (seconds a redirect stays valid; 0
+    /// or unset: off), and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
     /// document) and the overrides of [`AuthConfig::from_settings`]. Unset means the default.
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
@@ -99,6 +105,9 @@ impl Config {
             delete_enabled: !flag("DOCKSIDE_NO_DELETE")?,
             tag_delete_enabled: !flag("DOCKSIDE_NO_TAG_DELETE")?,
             auth: AuthConfig::from_settings(&get, None)?.map(Arc::new),
+            blob_redirect: num("DOCKSIDE_BLOB_REDIRECT")?
+                .filter(|&s| s > 0)
+                .map(std::time::Duration::from_secs),
             ..d
         })
     }

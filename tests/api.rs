@@ -15,7 +15,20 @@ enum Stores {
     /// Blobs chunked into a key-value store (as on Spin), with tiny chunks so that blobs span
     /// many chunks and uploads many segments.
     KvOnly(MemoryKv),
+    /// Blobs in a real S3 server (Garage) under a prefix of their own.
+    #[cfg(feature = "backends")]
+    S3(
+        MemoryKv,
+        Box<dockside::S3Blobs<HyperClient>>,
+        Box<dockside::S3Config>,
+    ),
 }
+
+#[cfg(feature = "backends")]
+#[path = "backends/garage.rs"]
+mod garage;
+#[cfg(feature = "backends")]
+use dockside::adapters::hyper_client::HyperClient;
 
 /// Chunk size of the `KvOnly` host.
 const KV_CHUNK: usize = 1000;
@@ -95,6 +108,19 @@ impl H {
         }
     }
 
+    /// Blobs in Garage (one per test process), under a prefix of this test's own.
+    #[cfg(feature = "backends")]
+    fn s3() -> Self {
+        let g = garage::garage();
+        let config = dockside::S3Config::from_url(&g.url(&garage::unique_prefix()), g.env())
+            .expect("S3 URL");
+        let blobs = dockside::S3Blobs::new(&config, HyperClient::new().unwrap()).unwrap();
+        H {
+            stores: Stores::S3(MemoryKv::new(), Box::new(blobs), Box::new(config)),
+            config: Config::default(),
+        }
+    }
+
     /// One request, on a registry value built for this request alone.
     async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
@@ -114,6 +140,11 @@ impl H {
             Stores::KvOnly(kv) => {
                 let blobs = KvBlobs::with_chunk_size(kv.clone(), KV_CHUNK);
                 let r = Registry::new(kv.clone(), blobs, self.config.clone());
+                collect(r.handle(req).await).await
+            }
+            #[cfg(feature = "backends")]
+            Stores::S3(kv, blobs, _) => {
+                let r = Registry::new(kv.clone(), (**blobs).clone(), self.config.clone());
                 collect(r.handle(req).await).await
             }
         }
@@ -172,7 +203,7 @@ impl H {
     }
 
     /// The blob store's paths (to check that nothing was left behind).
-    fn blob_paths(&self) -> Vec<String> {
+    async fn blob_paths(&self) -> Vec<String> {
         match &self.stores {
             Stores::Memory(_, b) => b.paths(),
             Stores::Dir(d) => {
@@ -188,6 +219,8 @@ impl H {
                 .into_iter()
                 .filter_map(|k| k.strip_prefix("kvblob/obj/").map(str::to_owned))
                 .collect(),
+            #[cfg(feature = "backends")]
+            Stores::S3(_, _, config) => garage::list_objects(config).await,
         }
     }
 
@@ -301,6 +334,11 @@ async fn image(h: &H, repo: &str, seed: u8) -> Vec<u8> {
 macro_rules! on_every_host {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
+            #[cfg(feature = "backends")]
+            #[tokio::test]
+            async fn s3() {
+                super::$name(super::H::s3()).await
+            }
             #[tokio::test]
             async fn memory() {
                 super::$name(super::H::memory()).await
@@ -625,7 +663,7 @@ async fn chunked_upload(h: H) {
         assert_eq!(r.body, &data[from..to], "{range}");
     }
     // Every part was consumed: only the blob itself remains.
-    assert_eq!(h.blob_paths().len(), 1, "{:?}", h.blob_paths());
+    assert_eq!(h.blob_paths().await.len(), 1, "{:?}", h.blob_paths().await);
     if matches!(h.stores, Stores::KvOnly(_)) {
         assert_eq!(h.chunk_count(), 30_000 / KV_CHUNK);
     }
@@ -679,7 +717,11 @@ async fn digest_mismatch_stores_nothing(h: H) {
     h.get(&format!("/v2/m/blobs/{}", sha256(&data)))
         .await
         .expect_error(404, "BLOB_UNKNOWN");
-    assert!(h.blob_paths().is_empty(), "{:?}", h.blob_paths());
+    assert!(
+        h.blob_paths().await.is_empty(),
+        "{:?}",
+        h.blob_paths().await
+    );
     assert_eq!(h.chunk_count(), 0);
     h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
 }
@@ -784,7 +826,11 @@ async fn upload_sessions(h: H) {
     h.delete(&loc)
         .await
         .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
-    assert!(h.blob_paths().is_empty(), "{:?}", h.blob_paths());
+    assert!(
+        h.blob_paths().await.is_empty(),
+        "{:?}",
+        h.blob_paths().await
+    );
 }
 
 async fn mount_and_repository_scoping(h: H) {
@@ -827,7 +873,7 @@ async fn mount_and_repository_scoping(h: H) {
         .await
         .expect_error(400, "NAME_INVALID");
     // The content is stored once.
-    assert_eq!(h.blob_paths().len(), 1);
+    assert_eq!(h.blob_paths().await.len(), 1);
 }
 
 async fn manifests_push_and_pull(h: H) {

@@ -6,7 +6,10 @@
 //! - [`fs`]: a local directory (`std::fs` only, so also `wasi:filesystem`): the native
 //!   server's default, and the wasi:http component's storage.
 //! - [`kvblobs`]: a blob store on any key-value store, in chunks (Spin, which has no blob store).
+//! - [`s3`]: a blob store on S3-compatible object storage, through the outbound HTTP host
+//!   interface ([`crate::http_client`]).
 
 pub mod fs;
 pub mod kvblobs;
 pub mod mem;
+pub mod s3;
