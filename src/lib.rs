@@ -60,6 +60,8 @@ pub use host::{BlobStore, ByteSource, KeyValue, WriteError};
 pub use hosts::fs::{FsBlobs, FsKv};
 pub use hosts::kvblobs::KvBlobs;
 pub use hosts::mem::{MemoryBlobs, MemoryKv};
+#[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
+pub use hosts::redis::RedisKv;
 pub use names::{RepoName, Tag};
 pub use registry::{Config, Registry, RegistryResponse};
 

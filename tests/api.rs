@@ -1,5 +1,6 @@
-//! Every endpoint through `Registry::handle`, success and failure paths, on both hosts (memory
-//! and local directory). The harness builds a new `Registry` for every request over the same
+//! Every endpoint through `Registry::handle`, success and failure paths, on every host (memory,
+//! local directory, blobs chunked into a key-value store, and, with feature `redis`, keys in a
+//! Valkey/Redis server started for the test process). The harness builds a new `Registry` for every request over the same
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
@@ -9,12 +10,19 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256, Sha512};
 
+#[cfg(feature = "redis")]
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
 enum Stores {
     Memory(MemoryKv, MemoryBlobs),
     Dir(tempfile::TempDir),
     /// Blobs chunked into a key-value store (as on Spin), with tiny chunks so that blobs span
     /// many chunks and uploads many segments.
     KvOnly(MemoryKv),
+    /// Keys in Redis (a namespace of its own on the shared test server), blobs in memory.
+    #[cfg(feature = "redis")]
+    Redis(dockside::RedisKv, MemoryBlobs),
 }
 
 /// Chunk size of the `KvOnly` host.
@@ -95,6 +103,20 @@ impl H {
         }
     }
 
+    /// A fresh namespace on the test process's Redis server. Must run on a tokio runtime, which
+    /// carries the store's commands from then on.
+    #[cfg(feature = "redis")]
+    async fn redis() -> Self {
+        let server = redis_server::RedisServer::shared();
+        let kv = dockside::RedisKv::connect(&server.url, &redis_server::fresh_prefix())
+            .await
+            .unwrap();
+        H {
+            stores: Stores::Redis(kv, MemoryBlobs::new()),
+            config: Config::default(),
+        }
+    }
+
     /// One request, on a registry value built for this request alone.
     async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
@@ -114,6 +136,11 @@ impl H {
             Stores::KvOnly(kv) => {
                 let blobs = KvBlobs::with_chunk_size(kv.clone(), KV_CHUNK);
                 let r = Registry::new(kv.clone(), blobs, self.config.clone());
+                collect(r.handle(req).await).await
+            }
+            #[cfg(feature = "redis")]
+            Stores::Redis(kv, blobs) => {
+                let r = Registry::new(kv.clone(), blobs.clone(), self.config.clone());
                 collect(r.handle(req).await).await
             }
         }
@@ -175,6 +202,8 @@ impl H {
     fn blob_paths(&self) -> Vec<String> {
         match &self.stores {
             Stores::Memory(_, b) => b.paths(),
+            #[cfg(feature = "redis")]
+            Stores::Redis(_, b) => b.paths(),
             Stores::Dir(d) => {
                 let mut out = Vec::new();
                 // blobs/<alg>/<xx>/<hex>, uploads/<uuid>/<part>
@@ -312,6 +341,11 @@ macro_rules! on_every_host {
             #[tokio::test]
             async fn kv_only() {
                 super::$name(super::H::kv_only()).await
+            }
+            #[cfg(feature = "redis")]
+            #[tokio::test]
+            async fn redis() {
+                super::$name(super::H::redis().await).await
             }
         }
     )*};
@@ -1621,5 +1655,18 @@ mod cancel_racing_close {
     #[test]
     fn kv_only() {
         futures_executor::block_on(super::cancel_racing_close(super::H::kv_only(), 150))
+    }
+    // The store's commands run on this runtime; the requests themselves on the plain threads
+    // of the test, as for the other hosts.
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let h = rt.block_on(super::H::redis());
+        futures_executor::block_on(super::cancel_racing_close(h, 150))
     }
 }

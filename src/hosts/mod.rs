@@ -6,7 +6,10 @@
 //! - [`fs`]: a local directory (`std::fs` only, so also `wasi:filesystem`): the native
 //!   server's default, and the wasi:http component's storage.
 //! - [`kvblobs`]: a blob store on any key-value store, in chunks (Spin, which has no blob store).
+//! - `redis`: a key-value store on Valkey/Redis (native only, feature `redis`).
 
 pub mod fs;
 pub mod kvblobs;
 pub mod mem;
+#[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
+pub mod redis;
