@@ -88,13 +88,27 @@ impl RedisKv {
         let setup = runtime.spawn(async move {
             let mut con = ConnectionManager::new_with_config(client, config).await?;
             redis::cmd("PING").query_async::<String>(&mut con).await?;
-            RedisResult::Ok(con)
+            let memory = redis::cmd("INFO")
+                .arg("memory")
+                .query_async::<String>(&mut con)
+                .await
+                .unwrap_or_default();
+            RedisResult::Ok((con, memory))
         });
-        let con = match setup.await {
-            Ok(Ok(con)) => con,
+        let (con, memory) = match setup.await {
+            Ok(Ok(ok)) => ok,
             Ok(Err(e)) => return Err(format!("cannot reach Redis at {}: {e}", redact(url))),
             Err(e) => return Err(format!("connecting to Redis failed: {e}")),
         };
+        if let Some(policy) = eviction_policy(&memory)
+            && policy != "noeviction"
+        {
+            // Eviction under memory pressure would silently drop tags, links and sessions.
+            tracing::warn!(
+                policy,
+                "Redis evicts keys when full (maxmemory-policy); set it to noeviction"
+            );
+        }
         Ok(RedisKv {
             con,
             runtime,
@@ -156,6 +170,13 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// `maxmemory_policy` from the text of `INFO memory`, when the server reports it.
+fn eviction_policy(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .map(str::trim)
 }
 
 /// The ZRANGEBYLEX bounds of the keys that start with `prefix`, strictly after `after`.
@@ -299,7 +320,7 @@ impl KeyValue for RedisKv {
 
 #[cfg(test)]
 mod tests {
-    use super::{lex_range, redact};
+    use super::{eviction_policy, lex_range, redact};
 
     #[test]
     fn ranges() {
@@ -314,6 +335,13 @@ mod tests {
         // A cursor before the prefix starts at the prefix.
         assert_eq!(lex_range("b/", Some("a")).0, b"[b/".to_vec());
         assert_eq!(lex_range("", None), (b"[".to_vec(), b"[\xff".to_vec()));
+    }
+
+    #[test]
+    fn eviction_policy_is_read() {
+        let info = "# Memory\r\nused_memory:1\r\nmaxmemory_policy:allkeys-lru\r\n";
+        assert_eq!(eviction_policy(info), Some("allkeys-lru"));
+        assert_eq!(eviction_policy("# Memory\r\n"), None);
     }
 
     #[test]
