@@ -61,6 +61,8 @@ pub use host::{BlobStore, ByteSource, KeyValue, WriteError};
 pub use hosts::fs::{FsBlobs, FsKv};
 pub use hosts::kvblobs::KvBlobs;
 pub use hosts::mem::{MemoryBlobs, MemoryKv};
+#[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
+pub use hosts::redis::RedisKv;
 pub use hosts::s3::{S3Blobs, S3Config};
 pub use http_client::{HttpClient, OutBody};
 pub use names::{RepoName, Tag};

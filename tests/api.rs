@@ -1,5 +1,6 @@
-//! Every endpoint through `Registry::handle`, success and failure paths, on both hosts (memory
-//! and local directory). The harness builds a new `Registry` for every request over the same
+//! Every endpoint through `Registry::handle`, success and failure paths, on every host (memory,
+//! local directory, blobs chunked into a key-value store, and, with feature `redis`, keys in a
+//! Valkey/Redis server started for the test process). The harness builds a new `Registry` for every request over the same
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
@@ -8,6 +9,10 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256, Sha512};
+
+#[cfg(feature = "backends")]
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 enum Stores {
     Memory(MemoryKv, MemoryBlobs),
@@ -22,6 +27,9 @@ enum Stores {
         Box<dockside::S3Blobs<HyperClient>>,
         Box<dockside::S3Config>,
     ),
+    /// Keys in Redis (a namespace of its own on the shared test server), blobs in memory.
+    #[cfg(feature = "backends")]
+    Redis(dockside::RedisKv, MemoryBlobs),
 }
 
 #[cfg(feature = "backends")]
@@ -121,6 +129,20 @@ impl H {
         }
     }
 
+    /// A fresh namespace on the test process's Redis server. Must run on a tokio runtime, which
+    /// carries the store's commands from then on.
+    #[cfg(feature = "backends")]
+    async fn redis() -> Self {
+        let server = redis_server::RedisServer::shared();
+        let kv = dockside::RedisKv::connect(&server.url, &redis_server::fresh_prefix())
+            .await
+            .unwrap();
+        H {
+            stores: Stores::Redis(kv, MemoryBlobs::new()),
+            config: Config::default(),
+        }
+    }
+
     /// One request, on a registry value built for this request alone.
     async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         let mut req = Request::builder().method(method).uri(uri);
@@ -145,6 +167,11 @@ impl H {
             #[cfg(feature = "backends")]
             Stores::S3(kv, blobs, _) => {
                 let r = Registry::new(kv.clone(), (**blobs).clone(), self.config.clone());
+                collect(r.handle(req).await).await
+            }
+            #[cfg(feature = "backends")]
+            Stores::Redis(kv, blobs) => {
+                let r = Registry::new(kv.clone(), blobs.clone(), self.config.clone());
                 collect(r.handle(req).await).await
             }
         }
@@ -206,6 +233,8 @@ impl H {
     async fn blob_paths(&self) -> Vec<String> {
         match &self.stores {
             Stores::Memory(_, b) => b.paths(),
+            #[cfg(feature = "backends")]
+            Stores::Redis(_, b) => b.paths(),
             Stores::Dir(d) => {
                 let mut out = Vec::new();
                 // blobs/<alg>/<xx>/<hex>, uploads/<uuid>/<part>
@@ -350,6 +379,11 @@ macro_rules! on_every_host {
             #[tokio::test]
             async fn kv_only() {
                 super::$name(super::H::kv_only()).await
+            }
+            #[cfg(feature = "backends")]
+            #[tokio::test]
+            async fn redis() {
+                super::$name(super::H::redis().await).await
             }
         }
     )*};
@@ -1667,5 +1701,18 @@ mod cancel_racing_close {
     #[test]
     fn kv_only() {
         futures_executor::block_on(super::cancel_racing_close(super::H::kv_only(), 150))
+    }
+    // The store's commands run on this runtime; the requests themselves on the plain threads
+    // of the test, as for the other hosts.
+    #[cfg(feature = "backends")]
+    #[test]
+    fn redis() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let h = rt.block_on(super::H::redis());
+        futures_executor::block_on(super::cancel_racing_close(h, 150))
     }
 }

@@ -8,8 +8,11 @@
 //! - [`kvblobs`]: a blob store on any key-value store, in chunks (Spin, which has no blob store).
 //! - [`s3`]: a blob store on S3-compatible object storage, through the outbound HTTP host
 //!   interface ([`crate::http_client`]).
+//! - `redis`: a key-value store on Valkey/Redis (native only, feature `redis`).
 
 pub mod fs;
 pub mod kvblobs;
 pub mod mem;
+#[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
+pub mod redis;
 pub mod s3;
