@@ -22,7 +22,7 @@ pub struct Garage {
     /// The Garage binary and its configuration file, for the CLI.
     pub bin: String,
     pub config: String,
-    _guard: Mutex<(Child, ChildStdin)>,
+    _guard: Option<Mutex<(Child, ChildStdin)>>,
 }
 
 fn free_port() -> u16 {
@@ -79,7 +79,7 @@ pub fn garage() -> &'static Garage {
                 region: var("REGION"),
                 bin: String::new(),
                 config: String::new(),
-                _guard: Mutex::new((child, stdin)),
+                _guard: None,
             }
         }
         Err(_) => start(),
@@ -159,7 +159,7 @@ kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$2""#
         region: "garage".into(),
         bin,
         config: config.display().to_string(),
-        _guard: Mutex::new((child, stdin)),
+        _guard: Some(Mutex::new((child, stdin))),
     }
 }
 
