@@ -11,7 +11,9 @@ use dockside::{Config, FsBlobs, FsKv, KeyValue, Registry};
 use http_body_util::{BodyExt, Full};
 
 async fn get(r: &Registry<FsKv, FsBlobs>, uri: &str) -> (serde_json::Value, Option<String>) {
-    let req = http::Request::get(uri).body(Full::new(Bytes::new())).unwrap();
+    let req = http::Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = r.handle(req).await;
     assert_eq!(resp.status(), 200);
     let link = resp.headers().get("link").map(|l| {

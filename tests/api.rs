@@ -3,7 +3,10 @@
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
-use dockside::{Config, DirRegistry, KvBlobs, MemoryBlobs, MemoryKv, Registry};
+use dockside::{
+    BlobStore, Config, DirRegistry, FsBlobs, FsKv, KeyValue, KvBlobs, MemoryBlobs, MemoryKv,
+    Registry, StoreError,
+};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -1518,4 +1521,194 @@ async fn registry_dropped_between_every_request() {
         kv.keys().iter().all(|k| !k.contains("/_uploads/")),
         "the session is gone"
     );
+}
+
+/// A listing asked of the store: prefix, cursor, limit, and how many keys came back.
+type Listing = (String, Option<String>, usize, usize);
+
+/// A key-value store that records every listing asked of it.
+#[derive(Clone)]
+struct Counted<K> {
+    inner: K,
+    lists: std::sync::Arc<std::sync::Mutex<Vec<Listing>>>,
+}
+
+impl<K> Counted<K> {
+    fn new(inner: K) -> Self {
+        Counted {
+            inner,
+            lists: Default::default(),
+        }
+    }
+
+    /// The listings recorded since the last call.
+    fn take(&self) -> Vec<Listing> {
+        std::mem::take(&mut *self.lists.lock().unwrap())
+    }
+}
+
+impl<K: KeyValue> KeyValue for Counted<K> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let keys = self.inner.list(prefix, after, limit).await?;
+        self.lists.lock().unwrap().push((
+            prefix.to_owned(),
+            after.map(str::to_owned),
+            limit,
+            keys.len(),
+        ));
+        Ok(keys)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner.compare_and_swap(key, expected, new).await
+    }
+}
+
+async fn call<K: KeyValue, B: BlobStore>(r: &Registry<K, B>, m: Method, uri: &str) -> Resp {
+    let req = Request::builder()
+        .method(m)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    collect(r.handle(req).await).await
+}
+
+/// 20 000 tags: the whole list is one listing of the store; walking it in pages through the
+/// `Link` header costs one listing per page (of the page plus one), in order, without
+/// duplicates; deleting a manifest by digest lists the tags once.
+async fn long_tags_list<K: KeyValue + Clone, B: BlobStore>(kv: K, blobs: B) {
+    const N: usize = 20_000;
+    let kv = Counted::new(kv);
+    let r = Registry::new(kv.clone(), blobs, Config::default());
+    // A real manifest, for the delete at the end.
+    let target = {
+        let config = br#"{"architecture":"amd64","os":"linux"}"#;
+        let d = sha256(config);
+        let req = Request::post(format!("/v2/big/blobs/uploads/?digest={d}"))
+            .body(Full::new(Bytes::from_static(config)))
+            .unwrap();
+        collect(r.handle(req).await).await.expect(201);
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": [],
+        }))
+        .unwrap();
+        let req = Request::put("/v2/big/manifests/seed")
+            .header("content-type", OCI_MANIFEST)
+            .body(Full::new(Bytes::from(m.clone())))
+            .unwrap();
+        collect(r.handle(req).await).await.expect(201);
+        sha256(&m)
+    };
+    // Tags written straight into the store (20 000 manifest PUTs would take minutes): even
+    // ones point at the manifest, odd ones elsewhere.
+    let other = sha256(b"other");
+    let mut names: Vec<String> = (0..N)
+        .map(|i| format!("t{:05}-{}", i * 7 % N, i % 3))
+        .collect();
+    for (i, t) in names.iter().enumerate() {
+        let to = if i % 2 == 0 { &target } else { &other };
+        kv.inner
+            .set(
+                &format!("repositories/big/_manifests/tags/{t}"),
+                to.as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    names.push("seed".to_owned());
+    names.sort();
+    kv.take();
+
+    // The whole list: one listing.
+    let resp = call(&r, Method::GET, "/v2/big/tags/list").await;
+    resp.expect(200);
+    assert!(resp.header("link").is_none());
+    assert_eq!(resp.json()["tags"], json!(names));
+    let lists = kv.take();
+    assert_eq!(lists.len(), 1, "{:?}", &lists[..lists.len().min(3)]);
+
+    // Pages of 1000 (and n above the page size is capped at it, with a Link).
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut next = Some("/v2/big/tags/list?n=5000".to_owned());
+    while let Some(uri) = next.take() {
+        let resp = call(&r, Method::GET, &uri).await;
+        resp.expect(200);
+        let page: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+        assert!(page.len() <= 1000);
+        let lists = kv.take();
+        assert_eq!(lists.len(), 1, "one listing per page");
+        let (prefix, after, limit, got) = &lists[0];
+        assert_eq!(*limit, 1001);
+        assert!(*got <= 1001);
+        assert_eq!(
+            after.as_deref(),
+            seen.last().map(|l| format!("{prefix}{l}")).as_deref()
+        );
+        seen.extend(page);
+        pages += 1;
+        if let Some(link) = resp.header("link") {
+            next = Some(link[1..link.find('>').unwrap()].to_owned());
+        }
+    }
+    assert_eq!(pages, names.len().div_ceil(1000));
+    assert_eq!(seen, names, "every tag once, in order");
+
+    // Delete by digest: its tags go, with one listing of the tags.
+    call(&r, Method::DELETE, &format!("/v2/big/manifests/{target}"))
+        .await
+        .expect(202);
+    let lists = kv.take();
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    let resp = call(&r, Method::GET, "/v2/big/tags/list").await;
+    let left: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+    assert_eq!(left.len(), N / 2);
+    for t in &left {
+        assert_eq!(
+            kv.inner
+                .get(&format!("repositories/big/_manifests/tags/{t}"))
+                .await
+                .unwrap()
+                .unwrap(),
+            other.as_bytes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn long_tags_list_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+    let blobs = FsBlobs::new(dir.path()).unwrap().fsync(false);
+    long_tags_list(kv, blobs).await;
+}
+
+#[tokio::test]
+async fn long_tags_list_memory() {
+    long_tags_list(MemoryKv::new(), MemoryBlobs::new()).await;
 }

@@ -100,13 +100,34 @@ impl FsKv {
         Ok(p)
     }
 
-    /// Collects every key below directory `dir` (whose key prefix is `base`) into `out`.
-    fn walk(&self, dir: &Path, base: &str, out: &mut Vec<String>) -> io::Result<()> {
+    /// Appends to `out`, in ascending order, the keys below directory `dir` (whose keys all
+    /// start with `base`) that start with `prefix` and sort after `after`, until `out` holds
+    /// `limit`. Reads each directory it enters once and orders only what it returns: the
+    /// smallest entries are *selected* (linear), then only those are sorted. Subdirectories
+    /// whose keys cannot match are skipped unread.
+    fn collect(
+        &self,
+        dir: &Path,
+        base: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        out: &mut Vec<String>,
+    ) -> io::Result<()> {
+        // A file is one key; a directory stands for every key below it, all of which start with
+        // `<its key>/`. Sorting a directory's entries by that string sorts the keys: no key
+        // below a directory falls between it and a sibling.
+        struct Entry {
+            key: String,
+            dir: Option<String>,
+        }
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
+            // Absent, or removed since the parent was read (a delete left it empty).
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
+        let mut found = Vec::new();
         for entry in entries {
             let entry = entry?;
             let name = entry.file_name();
@@ -115,14 +136,49 @@ impl FsKv {
                 continue; // temporary files
             }
             if let Some(seg) = name.strip_suffix('=') {
-                if let Some(seg) = unescape(seg) {
-                    out.push(format!("{base}{seg}"));
+                let Some(seg) = unescape(seg) else { continue };
+                let key = format!("{base}{seg}");
+                if key.starts_with(prefix) && after.is_none_or(|a| key.as_str() > a) {
+                    found.push(Entry { key, dir: None });
                 }
             } else if entry.file_type()?.is_dir()
                 && let Some(seg) = unescape(name)
             {
-                self.walk(&entry.path(), &format!("{base}{seg}/"), out)?;
+                let key = format!("{base}{seg}/");
+                // Every key below is longer than `key`: all of them sort before `after` when
+                // `after` is greater than `key` without extending it.
+                let may_match = (key.starts_with(prefix) || prefix.starts_with(&key))
+                    && after.is_none_or(|a| a < key.as_str() || a.starts_with(&key));
+                if may_match {
+                    found.push(Entry {
+                        key,
+                        dir: Some(name.to_owned()),
+                    });
+                }
             }
+        }
+        let by_key = |a: &Entry, b: &Entry| a.key.cmp(&b.key);
+        let mut rest = &mut found[..];
+        // Usually one round; another only when directories held fewer keys than the page.
+        while out.len() < limit && !rest.is_empty() {
+            let want = (limit - out.len()).min(rest.len());
+            if want < rest.len() {
+                rest.select_nth_unstable_by(want - 1, by_key);
+            }
+            let (head, tail) = rest.split_at_mut(want);
+            head.sort_unstable_by(by_key);
+            for e in head {
+                if out.len() == limit {
+                    break;
+                }
+                match &e.dir {
+                    Some(name) => {
+                        self.collect(&dir.join(name), &e.key, prefix, after, limit, out)?
+                    }
+                    None => out.push(std::mem::take(&mut e.key)),
+                }
+            }
+            rest = tail;
         }
         Ok(())
     }
@@ -204,8 +260,13 @@ impl KeyValue for FsKv {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        // Walk the deepest directory that holds every key with this prefix. The cost is the
-        // number of keys below it, whatever the page size.
+        // Start at the deepest directory that holds every key with this prefix. A flat
+        // directory (a repository's tags) is read whole whatever the page size, but only the
+        // page is sorted, and only the subdirectories that can hold the page are entered.
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         let (dir_prefix, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
         let mut dir = self.root.clone();
         let mut base = String::new();
@@ -219,9 +280,8 @@ impl KeyValue for FsKv {
                 base.push('/');
             }
         }
-        let mut keys = Vec::new();
-        self.walk(&dir, &base, &mut keys)?;
-        Ok(crate::host::page_of(keys, prefix, after, limit))
+        self.collect(&dir, &base, prefix, after, limit, &mut out)?;
+        Ok(out)
     }
 
     async fn compare_and_swap(
@@ -560,6 +620,40 @@ mod tests {
             assert!(!e.starts_with('.'), "{e}");
             assert!(!e.contains('/') && !e.contains('='), "{e}");
             assert_eq!(unescape(&e).as_deref(), Some(s));
+        }
+    }
+
+    fn list(kv: &FsKv, prefix: &str, after: Option<&str>, limit: usize) -> Vec<String> {
+        futures_executor::block_on(kv.list(prefix, after, limit)).unwrap()
+    }
+
+    /// The ordered walk (selection per directory, subdirectories skipped or entered) returns
+    /// exactly what sorting every key would, for every prefix, cursor and limit: keys nested
+    /// in directories interleave with files ('-' < '/' < '0'), like repository names do.
+    #[test]
+    fn listing_matches_a_full_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = FsKv::new(dir.path()).unwrap().fsync(false);
+        let keys = [
+            "c/a", "c/a-b", "c/a/x", "c/a/x/y", "c/a/y", "c/a0", "c/b", "c/b/c/d", "c/ab", "d",
+            "c/%", "c/.x", "c/z", "ca", "c/a/x-", "c/a/x0",
+        ];
+        for k in keys {
+            futures_executor::block_on(kv.set(k, b"")).unwrap();
+        }
+        let all: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        for prefix in ["", "c/", "c/a", "c/a/", "c/a/x", "c/b/", "d", "e/"] {
+            let mut cursors: Vec<Option<&str>> = vec![None, Some(""), Some("c/a/"), Some("zz")];
+            cursors.extend(keys.iter().map(|k| Some(*k)));
+            for after in cursors {
+                for limit in [0, 1, 2, 3, 5, 100, usize::MAX] {
+                    assert_eq!(
+                        list(&kv, prefix, after, limit),
+                        crate::host::page_of(all.clone(), prefix, after, limit),
+                        "prefix {prefix:?} after {after:?} limit {limit}"
+                    );
+                }
+            }
         }
     }
 }
