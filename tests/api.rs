@@ -1712,3 +1712,80 @@ async fn long_tags_list_dir() {
 async fn long_tags_list_memory() {
     long_tags_list(MemoryKv::new(), MemoryBlobs::new()).await;
 }
+
+/// The directories under `dir` that hold nothing.
+fn empty_dirs(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut any = false;
+    for e in rd {
+        let e = e.unwrap();
+        any = true;
+        if e.file_type().unwrap().is_dir() {
+            empty_dirs(&e.path(), out);
+        }
+    }
+    if !any {
+        out.push(dir.to_owned());
+    }
+}
+
+/// Upload sessions cancelled, finished or purged, tags and manifests deleted: the directory
+/// host leaves no empty directory behind in its key-value store (`upload-index/<second>/`
+/// used to pile up, one per second in which an upload started).
+#[tokio::test]
+async fn deletes_leave_no_empty_directories() {
+    let h = H::dir();
+    let Stores::Dir(dir) = &h.stores else {
+        unreachable!()
+    };
+    let kv_root = dir.path().join("kv");
+    // Cancelled.
+    let cancelled = h.start("e", "").await;
+    h.send(Method::PATCH, &cancelled, &[], b"some")
+        .await
+        .expect(202);
+    h.delete(&cancelled).await.expect(204);
+    // Finished.
+    let done = h.start("e", "").await;
+    let d = sha256(b"done");
+    h.send(Method::PUT, &format!("{done}?digest={d}"), &[], b"done")
+        .await
+        .expect(201);
+    // Abandoned, then purged: in two different seconds.
+    let abandoned = h.start("e", "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let abandoned2 = h.start("f/g", "").await;
+    h.send(Method::PATCH, &abandoned2, &[], b"more")
+        .await
+        .expect(202);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let registry = DirRegistry::open_dir(dir.path(), Config::default()).unwrap();
+    assert_eq!(registry.purge_stale_uploads(0).await.unwrap(), 2);
+    h.get(&abandoned)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // A manifest with tags, deleted by digest; a referrer deleted with its manifest.
+    let m = image(&h, "e", 3).await;
+    let md = sha256(&m);
+    h.put_manifest("e", &format!("{md}?tag=a&tag=b"), OCI_MANIFEST, &m)
+        .await
+        .expect(201);
+    h.delete(&format!("/v2/e/manifests/{md}")).await.expect(202);
+
+    let index = kv_root.join("upload-index");
+    let mut empty = Vec::new();
+    empty_dirs(&kv_root, &mut empty);
+    empty.retain(|p| p != &kv_root);
+    assert!(empty.is_empty(), "empty directories left: {empty:?}");
+    assert!(
+        std::fs::read_dir(&index).map_or(true, |mut rd| rd.next().is_none()),
+        "upload-index/ still holds entries"
+    );
+    // The store still works where directories were removed.
+    let again = h.start("e", "").await;
+    h.get(&again).await.expect(204);
+    h.put_manifest("e", "c", OCI_MANIFEST, &m).await.expect(201);
+    assert_eq!(h.get("/v2/e/tags/list").await.json()["tags"], json!(["c"]));
+}

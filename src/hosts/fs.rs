@@ -227,13 +227,38 @@ impl FsKv {
     fn set_now(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let path = self.path(key)?;
         let dir = path.parent().expect("a key path has a parent");
-        fs::create_dir_all(dir)?;
-        let tmp = dir.join(format!(".tmp-{}", nonce()));
-        let result = write_file(&tmp, value, self.fsync).and_then(|()| fs::rename(&tmp, &path));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        let mut retries = 0;
+        loop {
+            let tmp = dir.join(format!(".tmp-{}", nonce()));
+            let result = fs::create_dir_all(dir)
+                .and_then(|()| write_file(&tmp, value, self.fsync))
+                .and_then(|()| fs::rename(&tmp, &path));
+            if result.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            match result {
+                Ok(()) => return Ok(()),
+                // A delete removed a directory of the path, then empty, before the temporary
+                // file was created in it (once created, it keeps the directory): make it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && retries < 8 => retries += 1,
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(result?)
+    }
+
+    /// Removes the directories above `path` that are left empty, up to the root: without this,
+    /// `upload-index/<second>/` and other one-off directories would pile up, and every listing
+    /// would read them. `remove_dir` refuses a directory that is not empty, so a key written
+    /// meanwhile stays (and a writer that loses its directory recreates it: `set_now`).
+    fn remove_empty_parents(&self, path: &Path) {
+        let mut dir = path.parent();
+        while let Some(d) = dir
+            && d != self.root
+            && d.starts_with(&self.root)
+            && fs::remove_dir(d).is_ok()
+        {
+            dir = d.parent();
+        }
     }
 }
 
@@ -247,11 +272,14 @@ impl KeyValue for FsKv {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match fs::remove_file(self.path(key)?) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
         }
+        self.remove_empty_parents(&path);
+        Ok(())
     }
 
     async fn list(
@@ -655,5 +683,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Deletes remove the directories they empty while another writer keeps creating keys in
+    /// them: no write fails, and no write is lost.
+    #[test]
+    fn writers_survive_directories_removed_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = FsKv::new(dir.path()).unwrap().fsync(false);
+        let churn = {
+            let kv = kv.clone();
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    futures_executor::block_on(kv.set("a/b/c/churn", b"x")).unwrap();
+                    futures_executor::block_on(kv.delete("a/b/c/churn")).unwrap();
+                }
+            })
+        };
+        for i in 0..1000 {
+            let key = format!("a/b/{}/k", i % 2);
+            futures_executor::block_on(kv.set(&key, b"v")).unwrap();
+            assert!(futures_executor::block_on(kv.get(&key)).unwrap().is_some());
+            futures_executor::block_on(kv.delete(&key)).unwrap();
+        }
+        churn.join().unwrap();
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
