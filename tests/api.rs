@@ -1713,6 +1713,52 @@ async fn long_tags_list_memory() {
     long_tags_list(MemoryKv::new(), MemoryBlobs::new()).await;
 }
 
+/// Walking a long tags list page by page on the directory host reads the tags directory once,
+/// not once per page: pages after the first come from its listing cache (the directory is
+/// unchanged), at the cost of a binary search and the page.
+#[tokio::test]
+async fn tags_pages_read_the_directory_once() {
+    const N: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+    let r = Registry::new(
+        kv.clone(),
+        FsBlobs::new(dir.path()).unwrap(),
+        Config::default(),
+    );
+    kv.set("catalog/many", b"").await.unwrap();
+    let mut names: Vec<String> = (0..N).map(|i| format!("v{}", i * 13 % N)).collect();
+    for t in &names {
+        kv.set(
+            &format!("repositories/many/_manifests/tags/{t}"),
+            b"sha256:00",
+        )
+        .await
+        .unwrap();
+    }
+    names.sort();
+    // The cache takes only directories that have not changed for 2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let before = kv.entries_read();
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut next = Some("/v2/many/tags/list?n=100".to_owned());
+    while let Some(uri) = next.take() {
+        let resp = call(&r, Method::GET, &uri).await;
+        resp.expect(200);
+        let page: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+        seen.extend(page);
+        pages += 1;
+        if let Some(link) = resp.header("link") {
+            next = Some(link[1..link.find('>').unwrap()].to_owned());
+        }
+    }
+    assert_eq!(pages, N / 100);
+    assert_eq!(seen, names);
+    // One read of the directory in all (a read per page would be 200 times that).
+    assert_eq!(kv.entries_read() - before, N as u64);
+}
+
 /// The directories under `dir` that hold nothing.
 fn empty_dirs(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
