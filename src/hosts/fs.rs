@@ -416,9 +416,17 @@ impl FsKv {
                 Ok(()) => return Ok(()),
                 // A delete removed a directory of the path, then empty, before the temporary
                 // file was created in it (once created, it keeps the directory): make it again.
-                // Each retry loses only to another such delete at that instant; the bound only
-                // ends a loop on a path that keeps vanishing.
-                Err(e) if e.kind() == io::ErrorKind::NotFound && retries < 100 => retries += 1,
+                // (`create_dir_all` reports AlreadyExists when a directory it found vanishes
+                // before it checks it.) Each retry loses only to another such delete at that
+                // instant; the bound only ends a loop on a path that keeps vanishing.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::AlreadyExists
+                    ) && retries < 100 =>
+                {
+                    retries += 1
+                }
                 Err(e) => return Err(e.into()),
             }
         }
