@@ -8,13 +8,19 @@
 //! ```text
 //! <data>/kv/<key>        one file per key: each `/`-separated key segment is a directory, the
 //!                        last segment the file, named <segment>= ; segments are escaped
-//!                        (%XX for anything outside [A-Za-z0-9._-], and a leading '.')
+//!                        (%XX for anything outside [A-Za-z0-9._-], and a leading '.');
+//!                        a delete removes the directories it leaves empty
 //! <data>/blobs/...       blob store paths as they are (see crate::layout); an object is a
 //!                        file, or, when assembled from several upload parts, a directory of
 //!                        its segments 00000000, 00000001, ... (renamed in: no byte copied)
 //! <data>/uploads/...
 //! <data>/tmp/            objects being written; removed at startup when stale
 //! ```
+//!
+//! A listing walks the key directories in key order and enters only those that can hold the
+//! page. A directory is read whole (a repository's tags are one directory), so a large one
+//! that has not changed for a while is kept sorted in memory (`ListingCache`) for as long
+//! as its modification time and size stay the same.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
