@@ -291,9 +291,9 @@ const CACHE_MAX_ENTRIES: usize = 512 * 1024;
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// Whether a directory last changed at `mtime` was settled at `now`: any change after `now`
-/// will carry a later modification time. File systems stamp times from a clock that advances in ticks
-/// (a kernel tick on Linux, up to 2 s on FAT): a change within the same tick as the one
-/// before would keep the stamp, so a listing read during that tick could be trusted too
+/// will carry a later modification time. File systems stamp times from a clock that advances
+/// in ticks (a kernel tick on Linux, up to 2 s on FAT): a change within the same tick as the
+/// one before would keep the stamp, so a listing read during that tick could be trusted too
 /// long. Past a margin bigger than any tick, it cannot.
 fn settled(mtime: SystemTime, now: SystemTime) -> bool {
     now.duration_since(mtime).is_ok_and(|age| age >= SETTLE)
