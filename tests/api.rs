@@ -1835,3 +1835,22 @@ async fn deletes_leave_no_empty_directories() {
     h.put_manifest("e", "c", OCI_MANIFEST, &m).await.expect(201);
     assert_eq!(h.get("/v2/e/tags/list").await.json()["tags"], json!(["c"]));
 }
+
+/// The purge lists the upload index once, however many sessions it removes (it used to list
+/// a page of 1000 at a time, each a pass over the whole index on the directory host).
+#[tokio::test]
+async fn purge_lists_the_index_once() {
+    const N: usize = 2500;
+    let kv = Counted::new(MemoryKv::new());
+    let r = Registry::new(kv.clone(), MemoryBlobs::new(), Config::default());
+    for _ in 0..N {
+        call(&r, Method::POST, "/v2/p/blobs/uploads/")
+            .await
+            .expect(202);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    kv.take();
+    assert_eq!(r.purge_stale_uploads(0).await.unwrap(), N);
+    assert_eq!(kv.take().len(), 1);
+    assert!(kv.inner.keys().iter().all(|k| !k.contains("upload")));
+}
