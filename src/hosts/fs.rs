@@ -75,6 +75,8 @@ pub struct FsKv {
     cache: Arc<ListingCache>,
     /// Directory entries read by listings: see [`FsKv::entries_read`].
     entries_read: Arc<AtomicU64>,
+    /// Smallest directory the listing cache takes (the tests lower it).
+    cache_min_entries: usize,
 }
 
 impl FsKv {
@@ -87,6 +89,7 @@ impl FsKv {
             cas: Arc::default(),
             cache: Arc::default(),
             entries_read: Arc::default(),
+            cache_min_entries: CACHE_MIN_ENTRIES,
         })
     }
 
@@ -252,7 +255,7 @@ impl FsKv {
         self.entries_read
             .fetch_add(found.len() as u64, Ordering::Relaxed);
         match stamp {
-            Some(stamp) if found.len() >= CACHE_MIN_ENTRIES && settled(stamp.0, now) => {
+            Some(stamp) if found.len() >= self.cache_min_entries && settled(stamp.0, now) => {
                 found.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
                 let entries: Arc<[Listed]> = found.into();
                 self.cache.put(dir, stamp, entries.clone());
@@ -852,8 +855,18 @@ mod tests {
     /// in directories interleave with files ('-' < '/' < '0'), like repository names do.
     #[test]
     fn listing_matches_a_full_sort() {
+        listing_matches_a_full_sort_with(false);
+    }
+
+    /// The same from the listing cache (every directory cached, however small).
+    #[test]
+    fn cached_listing_matches_a_full_sort() {
+        listing_matches_a_full_sort_with(true);
+    }
+
+    fn listing_matches_a_full_sort_with(cached: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let kv = FsKv::new(dir.path()).unwrap().fsync(false);
+        let mut kv = FsKv::new(dir.path()).unwrap().fsync(false);
         let keys = [
             "c/a", "c/a-b", "c/a/x", "c/a/x/y", "c/a/y", "c/a0", "c/b", "c/b/c/d", "c/ab", "d",
             "c/%", "c/.x", "c/z", "ca", "c/a/x-", "c/a/x0",
@@ -862,6 +875,12 @@ mod tests {
             futures_executor::block_on(kv.set(k, b"")).unwrap();
         }
         let all: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        if cached {
+            kv.cache_min_entries = 0;
+            std::thread::sleep(SETTLE + Duration::from_millis(100));
+            list(&kv, "", None, usize::MAX);
+        }
+        let read = kv.entries_read();
         for prefix in ["", "c/", "c/a", "c/a/", "c/a/x", "c/b/", "d", "e/"] {
             let mut cursors: Vec<Option<&str>> = vec![None, Some(""), Some("c/a/"), Some("zz")];
             cursors.extend(keys.iter().map(|k| Some(*k)));
@@ -875,6 +894,8 @@ mod tests {
                 }
             }
         }
+        // From the cache, no directory was read again.
+        assert_eq!(cached, kv.entries_read() == read);
     }
 
     /// A large settled directory is read once, then listed from the cache page after page;
