@@ -122,7 +122,7 @@ pub trait BlobStore {
 
 /// One page of a key listing, for hosts that can only enumerate keys (Spin's key-value store
 /// lists every key, unfiltered and unordered): the keys with `prefix`, sorted, strictly after
-/// `after`, at most `limit`. Costs a pass over every key given.
+/// `after`, at most `limit`. Costs a pass over every key given; only the page is sorted.
 pub fn page_of(
     keys: impl IntoIterator<Item = String>,
     prefix: &str,
@@ -133,8 +133,12 @@ pub fn page_of(
         .into_iter()
         .filter(|k| k.starts_with(prefix) && after.is_none_or(|a| k.as_str() > a))
         .collect();
+    if limit < page.len() {
+        // The `limit` smallest first (linear), then drop the rest unsorted.
+        page.select_nth_unstable(limit);
+        page.truncate(limit);
+    }
     page.sort_unstable();
-    page.truncate(limit);
     page
 }
 

@@ -38,32 +38,22 @@ fn paged<R>(body: &Value, page: &Page, n: Option<usize>, path: &str) -> http::Re
 }
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
-    /// Lists keys under `prefix` after `last` (a suffix), up to `n` (or everything when `n` is
-    /// absent), in pages of at most `page_size` keys from the store.
+    /// Lists keys under `prefix` after `last` (a suffix), up to `n`, or every one when `n` is
+    /// absent. One listing of the store per request, never a loop of internal pages: a host
+    /// whose listing costs a pass over the directory (the local-directory host) or the whole
+    /// store (Spin) would pay that pass again for every internal page.
     async fn scan(&self, prefix: &str, last: Option<&str>, n: Option<usize>) -> Result<Page> {
-        let want = n.unwrap_or(usize::MAX);
-        let mut entries = Vec::new();
-        let mut after = last.map(|l| format!("{prefix}{l}"));
-        while entries.len() < want {
-            let batch = (want - entries.len()).min(self.config.page_size);
-            // One more than needed tells whether another page follows.
-            let keys = self.kv.list(prefix, after.as_deref(), batch + 1).await?;
-            let got = keys.len();
-            for k in keys.into_iter().take(batch) {
-                entries.push(k[prefix.len()..].to_owned());
-            }
-            if got <= batch {
-                return Ok(Page {
-                    entries,
-                    more: false,
-                });
-            }
-            after = entries.last().map(|l| format!("{prefix}{l}"));
-        }
-        Ok(Page {
-            entries,
-            more: true,
-        })
+        let after = last.map(|l| format!("{prefix}{l}"));
+        // One more than asked tells whether another page follows.
+        let limit = n.map_or(usize::MAX, |n| n.saturating_add(1));
+        let mut keys = self.kv.list(prefix, after.as_deref(), limit).await?;
+        let more = n.is_some_and(|n| keys.len() > n);
+        keys.truncate(n.unwrap_or(usize::MAX));
+        let entries = keys
+            .into_iter()
+            .map(|k| k[prefix.len()..].to_owned())
+            .collect();
+        Ok(Page { entries, more })
     }
 
     /// The `n` query parameter, capped at the page size (a capped page carries a `Link`).

@@ -475,21 +475,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 // Tags first and the record last, so an interrupted delete can be retried.
                 let prefix = layout::tags_prefix(name);
                 let want = d.to_string();
-                let mut after: Option<String> = None;
-                loop {
-                    let keys = self
-                        .kv
-                        .list(&prefix, after.as_deref(), self.config.page_size)
-                        .await?;
-                    for k in &keys {
-                        if self.kv.get(k).await?.as_deref() == Some(want.as_bytes()) {
-                            self.kv.delete(k).await?;
-                        }
+                // One listing of every tag: a loop of pages would re-read the tags directory
+                // (the local-directory host) for each page.
+                for k in self.kv.list(&prefix, None, usize::MAX).await? {
+                    if self.kv.get(&k).await?.as_deref() == Some(want.as_bytes()) {
+                        self.kv.delete(&k).await?;
                     }
-                    if keys.len() < self.config.page_size {
-                        break;
-                    }
-                    after = keys.last().cloned();
                 }
                 if let Some(subject) = &m.subject {
                     self.kv.delete(&layout::referrer(name, subject, &d)).await?;

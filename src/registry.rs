@@ -36,8 +36,10 @@ pub struct Config {
     pub tag_delete_enabled: bool,
     /// Longest repository name accepted.
     pub max_name_length: usize,
-    /// Most entries in one page of the tags list, the catalog or the referrers list; a longer
-    /// list is paginated with a `Link` header.
+    /// Most entries in one page of the tags list or the catalog when the client asks for `n`
+    /// (a larger `n` gets this many and a `Link` header), and in one page of the referrers
+    /// list. Without `n`, the tags list and the catalog come whole (the spec's "whole list"),
+    /// from one listing of the store.
     pub page_size: usize,
     /// How much of a refused request's body is read (and dropped) so the client can read the
     /// error before the connection closes.

@@ -571,46 +571,41 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let cutoff = now_secs().saturating_sub(max_age_secs);
         let prefix = layout::upload_index_prefix();
         let mut removed = 0;
-        loop {
-            let keys = self.kv.list(prefix, None, self.config.page_size).await?;
-            let mut progressed = false;
-            for k in &keys {
-                let Some((started, id)) = k[prefix.len()..].split_once('/') else {
-                    self.kv.delete(k).await?;
-                    continue;
-                };
-                let (Ok(started), Ok(id)) = (started.parse::<u64>(), UploadId::parse(id)) else {
-                    self.kv.delete(k).await?;
-                    continue;
-                };
-                if started >= cutoff {
-                    return Ok(removed); // the index is in start order: the rest is younger
-                }
-                let name = self
-                    .kv
-                    .get(k)
-                    .await?
-                    .and_then(|n| String::from_utf8(n).ok())
-                    .and_then(|n| RepoName::parse(&n, usize::MAX).ok());
-                if let Some(name) = name {
-                    let key = layout::upload(&name, &id);
-                    if let Some(raw) = self.kv.get(&key).await?
-                        && let Ok(record) = serde_json::from_slice::<UploadRecord>(&raw)
-                        && self
-                            .drop_session(&key, &id, &raw, &record)
-                            .await
-                            .map_err(|e| StoreError::new(e.message))?
-                    {
-                        removed += 1;
-                    }
-                }
-                self.kv.delete(k).await?;
-                progressed = true;
+        // One listing of the whole index: a loop of pages would re-read it for each page (a
+        // pass over every key on the local-directory host), quadratic in the sessions purged.
+        for k in self.kv.list(prefix, None, usize::MAX).await? {
+            let Some((started, id)) = k[prefix.len()..].split_once('/') else {
+                self.kv.delete(&k).await?;
+                continue;
+            };
+            let (Ok(started), Ok(id)) = (started.parse::<u64>(), UploadId::parse(id)) else {
+                self.kv.delete(&k).await?;
+                continue;
+            };
+            if started >= cutoff {
+                break; // the index is in start order: the rest is younger
             }
-            if keys.len() < self.config.page_size || !progressed {
-                return Ok(removed);
+            let name = self
+                .kv
+                .get(&k)
+                .await?
+                .and_then(|n| String::from_utf8(n).ok())
+                .and_then(|n| RepoName::parse(&n, usize::MAX).ok());
+            if let Some(name) = name {
+                let key = layout::upload(&name, &id);
+                if let Some(raw) = self.kv.get(&key).await?
+                    && let Ok(record) = serde_json::from_slice::<UploadRecord>(&raw)
+                    && self
+                        .drop_session(&key, &id, &raw, &record)
+                        .await
+                        .map_err(|e| StoreError::new(e.message))?
+                {
+                    removed += 1;
+                }
             }
+            self.kv.delete(&k).await?;
         }
+        Ok(removed)
     }
 }
 

@@ -4,7 +4,10 @@
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
-use dockside::{Config, DirRegistry, KvBlobs, MemoryBlobs, MemoryKv, Registry};
+use dockside::{
+    BlobStore, Config, DirRegistry, FsBlobs, FsKv, KeyValue, KvBlobs, MemoryBlobs, MemoryKv,
+    Registry, StoreError,
+};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -1715,4 +1718,336 @@ mod cancel_racing_close {
         let h = rt.block_on(super::H::redis());
         futures_executor::block_on(super::cancel_racing_close(h, 150))
     }
+}
+
+/// A listing asked of the store: prefix, cursor, limit, and how many keys came back.
+type Listing = (String, Option<String>, usize, usize);
+
+/// A key-value store that records every listing asked of it.
+#[derive(Clone)]
+struct Counted<K> {
+    inner: K,
+    lists: std::sync::Arc<std::sync::Mutex<Vec<Listing>>>,
+}
+
+impl<K> Counted<K> {
+    fn new(inner: K) -> Self {
+        Counted {
+            inner,
+            lists: Default::default(),
+        }
+    }
+
+    /// The listings recorded since the last call.
+    fn take(&self) -> Vec<Listing> {
+        std::mem::take(&mut *self.lists.lock().unwrap())
+    }
+}
+
+impl<K: KeyValue> KeyValue for Counted<K> {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let keys = self.inner.list(prefix, after, limit).await?;
+        self.lists.lock().unwrap().push((
+            prefix.to_owned(),
+            after.map(str::to_owned),
+            limit,
+            keys.len(),
+        ));
+        Ok(keys)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner.compare_and_swap(key, expected, new).await
+    }
+}
+
+async fn call<K: KeyValue, B: BlobStore>(r: &Registry<K, B>, m: Method, uri: &str) -> Resp {
+    let req = Request::builder()
+        .method(m)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    collect(r.handle(req).await).await
+}
+
+/// 20 000 tags: the whole list is one listing of the store; walking it in pages through the
+/// `Link` header costs one listing per page (of the page plus one), in order, without
+/// duplicates; deleting a manifest by digest lists the tags once.
+async fn long_tags_list<K: KeyValue + Clone, B: BlobStore>(kv: K, blobs: B) {
+    const N: usize = 20_000;
+    let kv = Counted::new(kv);
+    let r = Registry::new(kv.clone(), blobs, Config::default());
+    // A real manifest, for the delete at the end.
+    let target = {
+        let config = br#"{"architecture":"amd64","os":"linux"}"#;
+        let d = sha256(config);
+        let req = Request::post(format!("/v2/big/blobs/uploads/?digest={d}"))
+            .body(Full::new(Bytes::from_static(config)))
+            .unwrap();
+        collect(r.handle(req).await).await.expect(201);
+        let m = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+            "layers": [],
+        }))
+        .unwrap();
+        let req = Request::put("/v2/big/manifests/seed")
+            .header("content-type", OCI_MANIFEST)
+            .body(Full::new(Bytes::from(m.clone())))
+            .unwrap();
+        collect(r.handle(req).await).await.expect(201);
+        sha256(&m)
+    };
+    // Tags written straight into the store (20 000 manifest PUTs would take minutes): even
+    // ones point at the manifest, odd ones elsewhere.
+    let other = sha256(b"other");
+    let mut names: Vec<String> = (0..N)
+        .map(|i| format!("t{:05}-{}", i * 7 % N, i % 3))
+        .collect();
+    for (i, t) in names.iter().enumerate() {
+        let to = if i % 2 == 0 { &target } else { &other };
+        kv.inner
+            .set(
+                &format!("repositories/big/_manifests/tags/{t}"),
+                to.as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    names.push("seed".to_owned());
+    names.sort();
+    kv.take();
+
+    // The whole list: one listing.
+    let resp = call(&r, Method::GET, "/v2/big/tags/list").await;
+    resp.expect(200);
+    assert!(resp.header("link").is_none());
+    assert_eq!(resp.json()["tags"], json!(names));
+    let lists = kv.take();
+    assert_eq!(lists.len(), 1, "{:?}", &lists[..lists.len().min(3)]);
+
+    // Pages of 1000 (and n above the page size is capped at it, with a Link).
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut next = Some("/v2/big/tags/list?n=5000".to_owned());
+    while let Some(uri) = next.take() {
+        let resp = call(&r, Method::GET, &uri).await;
+        resp.expect(200);
+        let page: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+        assert!(page.len() <= 1000);
+        let lists = kv.take();
+        assert_eq!(lists.len(), 1, "one listing per page");
+        let (prefix, after, limit, got) = &lists[0];
+        assert_eq!(*limit, 1001);
+        assert!(*got <= 1001);
+        assert_eq!(
+            after.as_deref(),
+            seen.last().map(|l| format!("{prefix}{l}")).as_deref()
+        );
+        seen.extend(page);
+        pages += 1;
+        if let Some(link) = resp.header("link") {
+            next = Some(link[1..link.find('>').unwrap()].to_owned());
+        }
+    }
+    assert_eq!(pages, names.len().div_ceil(1000));
+    assert_eq!(seen, names, "every tag once, in order");
+
+    // Delete by digest: its tags go, with one listing of the tags.
+    call(&r, Method::DELETE, &format!("/v2/big/manifests/{target}"))
+        .await
+        .expect(202);
+    let lists = kv.take();
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    let resp = call(&r, Method::GET, "/v2/big/tags/list").await;
+    let left: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+    assert_eq!(left.len(), N / 2);
+    for t in &left {
+        assert_eq!(
+            kv.inner
+                .get(&format!("repositories/big/_manifests/tags/{t}"))
+                .await
+                .unwrap()
+                .unwrap(),
+            other.as_bytes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn long_tags_list_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+    let blobs = FsBlobs::new(dir.path()).unwrap().fsync(false);
+    long_tags_list(kv, blobs).await;
+}
+
+#[tokio::test]
+async fn long_tags_list_memory() {
+    long_tags_list(MemoryKv::new(), MemoryBlobs::new()).await;
+}
+
+/// Walking a long tags list page by page on the directory host reads the tags directory once,
+/// not once per page: pages after the first come from its listing cache (the directory is
+/// unchanged), at the cost of a binary search and the page.
+#[tokio::test]
+async fn tags_pages_read_the_directory_once() {
+    const N: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+    let r = Registry::new(
+        kv.clone(),
+        FsBlobs::new(dir.path()).unwrap(),
+        Config::default(),
+    );
+    kv.set("catalog/many", b"").await.unwrap();
+    let mut names: Vec<String> = (0..N).map(|i| format!("v{}", i * 13 % N)).collect();
+    for t in &names {
+        kv.set(
+            &format!("repositories/many/_manifests/tags/{t}"),
+            b"sha256:00",
+        )
+        .await
+        .unwrap();
+    }
+    names.sort();
+    // The cache takes only directories that have not changed for 2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let before = kv.entries_read();
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut next = Some("/v2/many/tags/list?n=100".to_owned());
+    while let Some(uri) = next.take() {
+        let resp = call(&r, Method::GET, &uri).await;
+        resp.expect(200);
+        let page: Vec<String> = serde_json::from_value(resp.json()["tags"].clone()).unwrap();
+        seen.extend(page);
+        pages += 1;
+        if let Some(link) = resp.header("link") {
+            next = Some(link[1..link.find('>').unwrap()].to_owned());
+        }
+    }
+    assert_eq!(pages, N / 100);
+    assert_eq!(seen, names);
+    // One read of the directory in all (a read per page would be 200 times that).
+    assert_eq!(kv.entries_read() - before, N as u64);
+}
+
+/// The directories under `dir` that hold nothing.
+fn empty_dirs(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut any = false;
+    for e in rd {
+        let e = e.unwrap();
+        any = true;
+        if e.file_type().unwrap().is_dir() {
+            empty_dirs(&e.path(), out);
+        }
+    }
+    if !any {
+        out.push(dir.to_owned());
+    }
+}
+
+/// Upload sessions cancelled, finished or purged, tags and manifests deleted: the directory
+/// host leaves no empty directory behind in its key-value store (`upload-index/<second>/`
+/// used to pile up, one per second in which an upload started).
+#[tokio::test]
+async fn deletes_leave_no_empty_directories() {
+    let h = H::dir();
+    let Stores::Dir(dir) = &h.stores else {
+        unreachable!()
+    };
+    let kv_root = dir.path().join("kv");
+    // Cancelled.
+    let cancelled = h.start("e", "").await;
+    h.send(Method::PATCH, &cancelled, &[], b"some")
+        .await
+        .expect(202);
+    h.delete(&cancelled).await.expect(204);
+    // Finished.
+    let done = h.start("e", "").await;
+    let d = sha256(b"done");
+    h.send(Method::PUT, &format!("{done}?digest={d}"), &[], b"done")
+        .await
+        .expect(201);
+    // Abandoned, then purged: in two different seconds.
+    let abandoned = h.start("e", "").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let abandoned2 = h.start("f/g", "").await;
+    h.send(Method::PATCH, &abandoned2, &[], b"more")
+        .await
+        .expect(202);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let registry = DirRegistry::open_dir(dir.path(), Config::default()).unwrap();
+    assert_eq!(registry.purge_stale_uploads(0).await.unwrap(), 2);
+    h.get(&abandoned)
+        .await
+        .expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    // A manifest with tags, deleted by digest; a referrer deleted with its manifest.
+    let m = image(&h, "e", 3).await;
+    let md = sha256(&m);
+    h.put_manifest("e", &format!("{md}?tag=a&tag=b"), OCI_MANIFEST, &m)
+        .await
+        .expect(201);
+    h.delete(&format!("/v2/e/manifests/{md}")).await.expect(202);
+
+    let index = kv_root.join("upload-index");
+    let mut empty = Vec::new();
+    empty_dirs(&kv_root, &mut empty);
+    empty.retain(|p| p != &kv_root);
+    assert!(empty.is_empty(), "empty directories left: {empty:?}");
+    assert!(
+        std::fs::read_dir(&index).map_or(true, |mut rd| rd.next().is_none()),
+        "upload-index/ still holds entries"
+    );
+    // The store still works where directories were removed.
+    let again = h.start("e", "").await;
+    h.get(&again).await.expect(204);
+    h.put_manifest("e", "c", OCI_MANIFEST, &m).await.expect(201);
+    assert_eq!(h.get("/v2/e/tags/list").await.json()["tags"], json!(["c"]));
+}
+
+/// The purge lists the upload index once, however many sessions it removes (it used to list
+/// a page of 1000 at a time, each a pass over the whole index on the directory host).
+#[tokio::test]
+async fn purge_lists_the_index_once() {
+    const N: usize = 2500;
+    let kv = Counted::new(MemoryKv::new());
+    let r = Registry::new(kv.clone(), MemoryBlobs::new(), Config::default());
+    for _ in 0..N {
+        call(&r, Method::POST, "/v2/p/blobs/uploads/")
+            .await
+            .expect(202);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    kv.take();
+    assert_eq!(r.purge_stale_uploads(0).await.unwrap(), N);
+    assert_eq!(kv.take().len(), 1);
+    assert!(kv.inner.keys().iter().all(|k| !k.contains("upload")));
 }

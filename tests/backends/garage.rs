@@ -64,13 +64,6 @@ pub fn garage() -> &'static Garage {
                 std::env::var(format!("DOCKSIDE_TEST_S3_{k}"))
                     .unwrap_or_else(|_| panic!("DOCKSIDE_TEST_S3_{k} is not set"))
             };
-            let child = Command::new("sleep")
-                .arg("infinity")
-                .stdin(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut child = child;
-            let stdin = child.stdin.take().unwrap();
             Garage {
                 endpoint,
                 bucket: var("BUCKET"),
