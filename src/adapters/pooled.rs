@@ -20,14 +20,17 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::error::StoreError;
 use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
 use crate::hosts::fs::{FileReader, FsBlobs, FsKv};
 
-/// How much of a request body is collected on the runtime before the pool writes it: one hop
-/// to the pool per batch (a few microseconds) instead of one per network read.
-const BATCH: usize = 256 * 1024;
+/// How far reading a request body may run ahead of writing it (bytes held in memory).
+const AHEAD: usize = 1024 * 1024;
+
+/// A directory-host write in progress, moved to the pool and back.
+type Writer = Pin<Box<dyn Future<Output = Result<u64, WriteError<SourceFailed>>> + Send>>;
 
 /// A synchronous host whose blocking calls run on tokio's blocking pool. Implemented for the
 /// directory host's two stores (the wrapper must move a host's write in progress between
@@ -95,75 +98,106 @@ impl KeyValue for Pooled<FsKv> {
 impl BlobStore for Pooled<FsBlobs> {
     type Reader = FileReader;
 
-    /// The directory host's write runs on the pool, fed batches that were collected here, on
-    /// the runtime: between batches (while the client is slow, or stalled until the server's
-    /// body timeout) it is a parked future, holding no thread.
+    /// The directory host's write runs on the pool, fed what arrives here, on the runtime:
+    /// reading the body and writing it overlap, and while the client is slow or stalled (until
+    /// the server's body timeout) the write is a parked future holding no thread. Each trip to
+    /// the pool writes everything that arrived since the last one.
     async fn write<S: ByteSource>(
         &self,
         path: &str,
         src: &mut S,
     ) -> Result<u64, WriteError<S::Error>> {
         let feed = Arc::new(Mutex::new(Feed::default()));
-        let mut source = FeedSource(feed.clone());
-        let (blobs, path) = (self.0.clone(), path.to_owned());
-        type Writer = Pin<Box<dyn Future<Output = Result<u64, WriteError<SourceFailed>>> + Send>>;
-        let mut writer: Writer = Box::pin(async move { blobs.write(&path, &mut source).await });
+        let lock = || feed.lock().unwrap_or_else(|p| p.into_inner());
+        // `arrived`: the feed has bytes or its end; `room`: the feed has room for more.
+        let (arrived, room) = (Notify::new(), Notify::new());
         let mut failure = None;
-        loop {
-            let mut batch = Vec::new();
-            let mut size = 0;
-            let mut end = false;
-            while size < BATCH {
-                match src.next_chunk().await {
-                    Some(Ok(chunk)) => {
-                        size += chunk.len();
-                        batch.push(chunk);
+        let result = {
+            let read = async {
+                loop {
+                    loop {
+                        let full = lock().bytes >= AHEAD;
+                        if !full {
+                            break;
+                        }
+                        room.notified().await;
                     }
-                    Some(Err(e)) => {
-                        failure = Some(e);
-                        end = true;
-                        break;
+                    let next = src.next_chunk().await;
+                    let ended = {
+                        let mut f = lock();
+                        match next {
+                            Some(Ok(chunk)) => {
+                                f.bytes += chunk.len();
+                                f.chunks.push_back(chunk);
+                            }
+                            Some(Err(e)) => {
+                                failure = Some(e);
+                                f.end = Some(false);
+                            }
+                            None => f.end = Some(true),
+                        }
+                        f.end.is_some()
+                    };
+                    arrived.notify_one();
+                    if ended {
+                        return;
                     }
-                    None => {
-                        end = true;
-                        break;
+                }
+            };
+            let write = async {
+                let mut source = FeedSource(feed.clone());
+                let (blobs, path) = (self.0.clone(), path.to_owned());
+                let mut writer: Writer =
+                    Box::pin(async move { blobs.write(&path, &mut source).await });
+                loop {
+                    loop {
+                        let ready = {
+                            let f = lock();
+                            !f.chunks.is_empty() || f.end.is_some()
+                        };
+                        if ready {
+                            break;
+                        }
+                        arrived.notified().await;
+                    }
+                    let ended = lock().end.is_some();
+                    // The write takes what the feed holds, then waits for more (or finishes).
+                    // Any waker will do: this loop, not a wake-up, polls it again.
+                    let (back, poll) = on_pool(move || {
+                        let poll = writer
+                            .as_mut()
+                            .poll(&mut Context::from_waker(Waker::noop()));
+                        (writer, poll)
+                    })
+                    .await
+                    .map_err(WriteError::Store)?;
+                    writer = back;
+                    room.notify_one();
+                    match poll {
+                        Poll::Ready(r) => return r,
+                        Poll::Pending if ended => {
+                            return Err(StoreError::new(
+                                "the blob write waited on more than its body",
+                            )
+                            .into());
+                        }
+                        Poll::Pending => {}
                     }
                 }
+            };
+            tokio::pin!(read, write);
+            tokio::select! {
+                r = &mut write => r,
+                () = &mut read => write.await,
             }
-            {
-                let mut f = feed.lock().unwrap_or_else(|p| p.into_inner());
-                f.chunks.extend(batch);
-                if end {
-                    f.end = Some(failure.is_none());
-                }
-            }
-            // The write consumes the batch and then waits for the next one (or finishes). Any
-            // waker will do: this loop, not a wake-up, decides when it is polled again.
-            let (back, poll) = on_pool(move || {
-                let poll = writer
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()));
-                (writer, poll)
-            })
-            .await?;
-            writer = back;
-            match poll {
-                Poll::Ready(Ok(len)) => return Ok(len),
-                Poll::Ready(Err(WriteError::Store(e))) => return Err(WriteError::Store(e)),
-                Poll::Ready(Err(WriteError::Source(SourceFailed))) => {
-                    return Err(match failure.take() {
-                        Some(e) => WriteError::Source(e),
-                        None => StoreError::new("the write saw a source failure").into(),
-                    });
-                }
-                Poll::Pending if end => {
-                    return Err(
-                        StoreError::new("the blob write waited on more than its body").into(),
-                    );
-                }
-                Poll::Pending => {}
-            }
-        }
+        };
+        result.map_err(|e| match e {
+            WriteError::Store(e) => WriteError::Store(e),
+            WriteError::Source(SourceFailed) => match failure.take() {
+                Some(e) => WriteError::Source(e),
+                None => StoreError::new("the write saw a body failure").into(),
+            },
+        })
     }
 
     async fn read(
@@ -193,6 +227,8 @@ impl BlobStore for Pooled<FsBlobs> {
 #[derive(Default)]
 struct Feed {
     chunks: VecDeque<Bytes>,
+    /// The length of `chunks`.
+    bytes: usize,
     /// Set once the body ended: `true` whole, `false` failed.
     end: Option<bool>,
 }
@@ -211,7 +247,10 @@ impl ByteSource for FeedSource {
         std::future::poll_fn(|_| {
             let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
             match (f.chunks.pop_front(), f.end) {
-                (Some(chunk), _) => Poll::Ready(Some(Ok(chunk))),
+                (Some(chunk), _) => {
+                    f.bytes -= chunk.len();
+                    Poll::Ready(Some(Ok(chunk)))
+                }
                 (None, None) => Poll::Pending,
                 (None, Some(true)) => Poll::Ready(None),
                 (None, Some(false)) => Poll::Ready(Some(Err(SourceFailed))),
