@@ -160,6 +160,7 @@ async fn stalled_uploads_do_not_delay_an_authenticated_push() {
     let stalled = tokio::time::timeout(bound + Duration::from_secs(20), push(&c, &s, "stalled"))
         .await
         .unwrap_or_else(|_| panic!("the push did not finish within {bound:?} + 20 s"));
+    eprintln!("push: {baseline:?} unstalled, {stalled:?} with {STALLS} stalled uploads");
     assert!(
         stalled <= bound,
         "600 stalled uploads delayed an authenticated push: {stalled:?} against {baseline:?} \
