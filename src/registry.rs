@@ -46,7 +46,8 @@ pub struct Config {
     pub drain_limit: u64,
     /// Access control (`[auth]`); `None`, the default, lets everyone do everything.
     pub auth: Option<Arc<AuthConfig>>,
-    /// Where password checks (Basic credentials) run; `None`, the default, runs them inline.
+    /// Where password checks (Basic credentials, `/token` logins) run; `None`, the default,
+    /// runs them inline.
     pub password_checks: Option<Arc<dyn PasswordChecks>>,
 }
 
