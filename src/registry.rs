@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
-use crate::auth::{AuthConfig, Caller, Need};
+use crate::auth::{AuthConfig, Caller, Need, PasswordChecks};
 use crate::body::{Body, ReadError, read_to_vec};
 use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
@@ -42,7 +42,9 @@ pub struct Config {
     /// from one listing of the store.
     pub page_size: usize,
     /// How much of a refused request's body is read (and dropped) so the client can read the
-    /// error before the connection closes.
+    /// error before the connection closes. A body known to be longer is not read at all, and
+    /// neither is one the client holds back for `100 Continue`. Adapters that drain refused
+    /// bodies themselves, after answering (the native server), set 0.
     pub drain_limit: u64,
     /// Access control (`[auth]`); `None`, the default, lets everyone do everything.
     pub auth: Option<Arc<AuthConfig>>,
@@ -50,6 +52,9 @@ pub struct Config {
     /// store can make one (S3): the bytes of a pull then never pass through dockside. `None`
     /// (the default) serves them.
     pub blob_redirect: Option<std::time::Duration>,
+    /// Where password checks (Basic credentials, `/token` logins) run; `None`, the default,
+    /// runs them inline.
+    pub password_checks: Option<Arc<dyn PasswordChecks>>,
 }
 
 impl Default for Config {
@@ -63,9 +68,10 @@ impl Default for Config {
             tag_delete_enabled: true,
             max_name_length: 255,
             page_size: 1000,
-            drain_limit: 64 * 1024 * 1024,
+            drain_limit: 8 * 1024 * 1024,
             auth: None,
             blob_redirect: None,
+            password_checks: None,
         }
     }
 }
@@ -159,7 +165,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     {
         let (parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
-        let mut body = Box::pin(body);
+        let mut body = Box::pin(Watched {
+            body: Box::pin(body),
+            polled: false,
+        });
         let result = match &self.config.auth {
             Some(auth) if parts.uri.path() == "/token" => self.token(auth, &parts, &mut body).await,
             _ => self.route(&parts, &mut body).await,
@@ -167,7 +176,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
-                drain(&mut body, self.config.drain_limit).await;
+                if worth_draining(&parts.headers, &body, self.config.drain_limit) {
+                    drain(&mut body, self.config.drain_limit).await;
+                }
                 error_response(&e, is_head)
             }
         };
@@ -194,9 +205,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             |methods: &str| -> Result<RegistryResponse<B>> { Err(method_not_allowed(m, methods)) };
         let route = self.parse_path(parts.uri.path())?;
         let auth = self.config.auth.as_deref();
-        let caller = match auth {
+        let caller = match &self.config.auth {
             None => Caller::unrestricted(),
-            Some(a) => a.authorize(parts, &need(&route, m), crate::auth::now_secs())?,
+            Some(a) => {
+                let now = crate::auth::now_secs();
+                a.authorize(parts, &need(&route, m), now, self.password_checks())
+                    .await?
+            }
         };
         let sub = caller.subject();
         match route {
@@ -258,7 +273,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// `GET /token` and `POST /token`: the token endpoint, when access control is on.
     async fn token<RB>(
         &self,
-        auth: &AuthConfig,
+        auth: &Arc<AuthConfig>,
         parts: &http::request::Parts,
         body: &mut Pin<Box<RB>>,
     ) -> Result<RegistryResponse<B>>
@@ -268,7 +283,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     {
         let now = crate::auth::now_secs();
         let (status, json) = match parts.method {
-            Method::GET => auth.token_endpoint(parts, None, now)?,
+            Method::GET => {
+                auth.token_endpoint(parts, None, now, self.password_checks())
+                    .await?
+            }
             Method::POST => {
                 let form = read_to_vec(body, 64 * 1024).await.map_err(|e| match e {
                     ReadError::TooLarge { .. } => Error::new(
@@ -280,7 +298,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                         Error::bad_request(ErrorCode::Unsupported, format!("reading the body: {e}"))
                     }
                 })?;
-                auth.token_endpoint(parts, Some(&form), now)?
+                auth.token_endpoint(parts, Some(&form), now, self.password_checks())
+                    .await?
             }
             ref m => return Err(method_not_allowed(m, "GET, POST")),
         };
@@ -335,6 +354,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         Err(not_found())
     }
 
+    fn password_checks(&self) -> Option<&dyn PasswordChecks> {
+        self.config.password_checks.as_deref()
+    }
+
     /// Records that repository `name` exists (for the catalog), once.
     pub(crate) async fn ensure_repository(&self, name: &RepoName) -> Result<()> {
         let key = layout::catalog(name);
@@ -364,9 +387,56 @@ fn need(route: &Route, m: &Method) -> Need {
     }
 }
 
+/// A request body that remembers whether it was ever polled: an `Expect: 100-continue` client
+/// sends its body only once the adapter sees it read (hyper then sends `100 Continue`).
+struct Watched<RB> {
+    body: Pin<Box<RB>>,
+    polled: bool,
+}
+
+impl<RB: http_body::Body> http_body::Body for Watched<RB> {
+    type Data = RB::Data;
+    type Error = RB::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<RB::Data>, RB::Error>>> {
+        self.polled = true;
+        self.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Whether reading the rest of a refused request's body could help the client see the answer:
+/// not when nothing is left, nor when the client holds its body back until told to send it
+/// (`Expect: 100-continue`, body not read yet: reading would invite the bytes it then drops),
+/// nor when more is left than `limit` (the connection closes either way).
+fn worth_draining<RB: http_body::Body>(
+    headers: &http::HeaderMap,
+    body: &Watched<RB>,
+    limit: u64,
+) -> bool {
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    limit > 0
+        && !http_body::Body::is_end_stream(body)
+        && (body.polled || !expects_continue)
+        && http_body::Body::size_hint(body).lower() <= limit
+}
+
 /// Reads and drops what is left of a refused request's body, up to `limit` bytes. A server
 /// that answers early and closes while the client is still sending makes many clients lose the
 /// answer to a connection reset (RFC 9112 §9.6); past the limit, closing is the lesser evil.
+/// Only bytes are bounded here: the adapter bounds how long a read may wait.
 async fn drain<RB>(body: &mut Pin<Box<RB>>, limit: u64)
 where
     RB: http_body::Body,

@@ -1661,3 +1661,138 @@ async fn readme_worked_example() {
         300
     );
 }
+
+/// Password checks that run inline and count, or refuse as busy.
+#[derive(Debug, Default)]
+struct CountingChecks {
+    runs: std::sync::atomic::AtomicUsize,
+    busy: bool,
+}
+
+impl dockside::auth::PasswordChecks for CountingChecks {
+    fn run(
+        &self,
+        check: dockside::auth::PasswordCheck,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<bool, dockside::auth::Busy>> + Send>,
+    > {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let result = if self.busy {
+            Err(dockside::auth::Busy {
+                retry_after_secs: 7,
+            })
+        } else {
+            Ok(check())
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+fn registry_with_checks(checks: Arc<CountingChecks>) -> MemoryRegistry {
+    let auth = AuthConfig::from_toml(&config_toml(""))
+        .unwrap()
+        .expect("an [auth] table");
+    Registry::new(
+        MemoryKv::new(),
+        MemoryBlobs::new(),
+        Config {
+            auth: Some(Arc::new(auth)),
+            password_checks: Some(checks),
+            ..Config::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn password_checks_run_where_the_adapter_says() {
+    let checks = Arc::new(CountingChecks::default());
+    let r = registry_with_checks(checks.clone());
+    let runs = || checks.runs.load(std::sync::atomic::Ordering::SeqCst);
+    call(&r, "GET", "/v2/", Cred::Basic("alice", "alice-pw"), b"")
+        .await
+        .expect(200);
+    call(&r, "GET", "/v2/", Cred::Basic("nobody", "x"), b"")
+        .await
+        .unauthorized();
+    assert_eq!(runs(), 2);
+    let t = token(
+        &r,
+        Cred::Basic("bob", "bob-pw"),
+        &["repository:team-b/x:pull"],
+    )
+    .await;
+    assert_eq!(runs(), 3);
+    // A token costs no password check.
+    call(&r, "GET", "/v2/", Cred::Bearer(&t), b"")
+        .await
+        .expect(200);
+    assert_eq!(runs(), 3);
+
+    // Busy: 429 TOOMANYREQUESTS with Retry-After, on /v2/ and at the token endpoint.
+    let busy = Arc::new(CountingChecks {
+        busy: true,
+        ..CountingChecks::default()
+    });
+    let r = registry_with_checks(busy);
+    for uri in ["/v2/", "/token?service=test-registry"] {
+        let resp = call(&r, "GET", uri, Cred::Basic("alice", "alice-pw"), b"").await;
+        resp.expect(429);
+        assert_eq!(resp.code(), "TOOMANYREQUESTS");
+        assert_eq!(resp.header("retry-after"), Some("7"));
+    }
+}
+
+/// A request body of `len` bytes that records whether it was read.
+struct Tracked {
+    left: usize,
+    polled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.polled.store(true, std::sync::atomic::Ordering::SeqCst);
+        let n = self.left.min(64 * 1024);
+        self.left -= n;
+        std::task::Poll::Ready((n > 0).then(|| Ok(http_body::Frame::data(Bytes::from(vec![0; n])))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left as u64)
+    }
+}
+
+#[tokio::test]
+async fn refused_bodies_are_read_only_when_it_helps() {
+    let r = registry();
+    // (Expect: 100-continue, body length, whether the refused body is read)
+    for (expect, len, read) in [
+        (false, 1000, true),               // small: read, so the client sees the 401
+        (true, 1000, false),               // the client waits for 100 Continue: not read
+        (false, 100 * 1024 * 1024, false), // past drain_limit: not read at all
+    ] {
+        let polled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut b = Request::builder()
+            .method("PATCH")
+            .uri("/v2/team-a/app/blobs/uploads/0123456789abcdef0123456789abcdef");
+        if expect {
+            b = b.header("expect", "100-continue");
+        }
+        let body = Tracked {
+            left: len,
+            polled: polled.clone(),
+        };
+        let resp = r.handle(b.body(body).unwrap()).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            polled.load(std::sync::atomic::Ordering::SeqCst),
+            read,
+            "expect {expect}, {len} bytes"
+        );
+    }
+}

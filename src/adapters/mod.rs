@@ -1,13 +1,16 @@
 //! The adapters: each turns one platform's requests into [`crate::Registry::handle`] calls and
 //! wires up that platform's stores. They translate and nothing more; everything else is core.
 //!
-//! - `server`: the native tokio/hyper server (feature `server`), and `hyper_client`, its
-//!   outbound HTTP client (for S3).
+//! - `server`: the native tokio/hyper server (feature `server`), with `pooled`, the directory
+//!   host with its blocking calls on tokio's blocking pool, and `hyper_client`, its outbound
+//!   HTTP client (for S3).
 //! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`).
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`).
 
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
+pub mod pooled;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod server;
 

@@ -2,132 +2,268 @@
 //!
 //! It only translates: hyper's request goes to the core as it is (its body streams), the
 //! core's response comes back as it is. It adds what a process needs: a listener, one log line
-//! per request, and a clean stop on SIGINT/SIGTERM.
+//! per request, a clean stop on SIGINT/SIGTERM, and limits that keep hostile or broken clients
+//! from holding the server:
+//!
+//! - a header timeout (a request's headers must arrive within it; it also closes idle
+//!   keep-alive connections), and a body idle timeout (the longest wait for the next bytes of a
+//!   request body);
+//! - a bound on open connections: past it, the server stops accepting until one closes;
+//! - nothing waits on the network while holding a thread: requests run as tasks on the runtime,
+//!   only the directory host's blocking calls go to the blocking pool ([`Pooled`]), and password
+//!   checks to a few threads of their own ([`PasswordCheckers`], bounded, with a bounded queue);
+//! - a refused request is answered at once: what is left of its body is read (bounded in bytes
+//!   and by the body timeout) in the background, while the answer goes out, so clients that send
+//!   their whole body before reading see the answer; a client waiting for `100 Continue` is
+//!   answered without it.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
-use crate::DirRegistry;
+use crate::adapters::pooled::Pooled;
+use crate::auth::{Busy, PasswordCheck, PasswordChecks};
 use crate::body::Body;
 use crate::error::StoreError;
+use crate::{Config, FsBlobs, FsKv, Registry};
 
 /// How long a stop waits for requests in flight before giving up on them. Whatever they were
 /// writing stays a temporary file, never a blob, and is swept at the next start.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// The registry the native server runs: the directory host, its blocking calls on the pool.
+pub type ServedRegistry = Registry<Pooled<FsKv>, Pooled<FsBlobs>>;
+
+/// The server's limits (`dockside serve --help` describes each).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest wait for a request's headers, from the first byte the server waits for (so it
+    /// also bounds how long a keep-alive connection may sit idle); `None`: unbounded.
+    pub header_timeout: Option<Duration>,
+    /// Longest wait for the next bytes of a request body; `None`: unbounded.
+    pub body_timeout: Option<Duration>,
+    /// Most connections open at once; past it, the server stops accepting until one closes.
+    pub max_connections: usize,
+    /// Most password checks (Basic credentials) running at once.
+    pub max_password_checks: usize,
+    /// Most bytes of a refused request's body read after answering it.
+    pub drain_limit: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Some(Duration::from_secs(30)),
+            body_timeout: Some(Duration::from_secs(60)),
+            max_connections: 1024,
+            max_password_checks: default_password_checks(),
+            drain_limit: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One password check per core, at most 4: each argon2id check holds 19 MiB while it runs.
+pub fn default_password_checks() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4))
+}
+
+/// Password checks that may wait, per checking thread; past that, 429.
+const QUEUED_PER_CHECK: usize = 16;
+
+/// Runs password checks on a few threads of their own, one check per thread at a time, with up
+/// to [`QUEUED_PER_CHECK`] per thread waiting (the requests wait as tasks, holding no thread);
+/// beyond that, a check is refused at once ([`Busy`]: 429 with `Retry-After`). This bounds the
+/// CPU and memory password hashing can take whoever sends Basic credentials: an argon2id check
+/// allocates 19 MiB, and glibc's malloc keeps freed memory in the arena of the thread that used
+/// it, so checks spread over many threads (tokio's blocking pool grows to 512) would keep up to
+/// 19 MiB per thread ever used; on `threads` threads of their own, at most that many.
+#[derive(Debug)]
+pub struct PasswordCheckers {
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+type Job = (PasswordCheck, tokio::sync::oneshot::Sender<bool>);
+
+impl PasswordCheckers {
+    /// Starts `threads` checking threads (at least one); they end when this is dropped.
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let threads = threads.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(threads * QUEUED_PER_CHECK);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("password-check-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((check, reply)) = job else {
+                            return; // the sender is gone
+                        };
+                        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(check))
+                            .unwrap_or(false);
+                        let _ = reply.send(ok); // the request may be gone: no matter
+                    }
+                })?;
+        }
+        Ok(PasswordCheckers { jobs: tx })
+    }
+}
+
+impl PasswordChecks for PasswordCheckers {
+    fn run(
+        &self,
+        check: PasswordCheck,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, Busy>> + Send>> {
+        const BUSY: Busy = Busy {
+            retry_after_secs: 1,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match self.jobs.try_send((check, reply)) {
+            Ok(()) => Box::pin(async move { answer.await.map_err(|_| BUSY) }),
+            Err(_) => Box::pin(std::future::ready(Err(BUSY))),
+        }
+    }
+}
+
+/// The registry to serve: `kv` and `blobs` wrapped so their blocking calls run on the pool,
+/// password checks bounded by `limits`, and refused bodies drained here rather than by the core
+/// (after answering, not before).
+pub fn registry(
+    kv: FsKv,
+    blobs: FsBlobs,
+    config: Config,
+    limits: &Limits,
+) -> std::io::Result<ServedRegistry> {
+    let checks = PasswordCheckers::new(limits.max_password_checks)?;
+    Ok(Registry::new(
+        Pooled(kv),
+        Pooled(blobs),
+        Config {
+            drain_limit: 0,
+            password_checks: Some(Arc::new(checks)),
+            ..config
+        },
+    ))
+}
+
 /// Serves a local-directory registry on `listener` until `shutdown` completes.
 pub async fn serve_dir(
     listener: TcpListener,
-    registry: Arc<DirRegistry>,
+    registry: Arc<ServedRegistry>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     serve(
         listener,
-        move |req: hyper::Request<Incoming>| {
+        move |req: hyper::Request<RequestBody>| {
             let registry = registry.clone();
-            async move {
-                if !blocks(&req) {
-                    return registry.handle(req).await;
-                }
-                // The directory host does blocking std::fs I/O (writes, fsyncs) and Basic auth
-                // hashes a password (tens to hundreds of ms): run such requests on the blocking
-                // pool, so they never stall the runtime's workers and the requests they serve.
-                // The body keeps streaming: hyper's connection task feeds it from its own thread.
-                let rt = tokio::runtime::Handle::current();
-                tokio::task::spawn_blocking(move || rt.block_on(registry.handle(req)))
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::error!("request handler failed: {e}");
-                        let mut resp = hyper::Response::new(Body::full(
-                            r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,
-                        ));
-                        *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                        resp
-                    })
-            }
+            async move { registry.handle(req).await }
         },
+        limits,
         shutdown,
     )
     .await
 }
 
-/// Whether a request may block its thread for long: uploads and manifest pushes (they write and
-/// fsync), deletes, and anything with Basic credentials (password hashing). Reads of manifests,
-/// tags and blob metadata stay on the runtime: they are a few small page-cache reads.
-fn blocks<B>(req: &hyper::Request<B>) -> bool {
-    use http::Method;
-    matches!(
-        *req.method(),
-        Method::PUT | Method::POST | Method::PATCH | Method::DELETE
-    ) || req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.len() > 6 && v[..6].eq_ignore_ascii_case("basic "))
-}
-
 /// Serves `handler` (a registry's `handle`, for any concrete stores) on `listener` until
 /// `shutdown` completes, then stops accepting, lets requests in flight finish (up to
-/// [`SHUTDOWN_GRACE`]) and returns.
+/// [`SHUTDOWN_GRACE`]) and returns. Each request runs as its own task, to its end even if the
+/// client goes away (its body then fails), so no store operation is cut halfway.
 pub async fn serve<F, Fut, R>(
     listener: TcpListener,
     handler: F,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
-    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + 'static,
+    F: Fn(hyper::Request<RequestBody>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = hyper::Response<Body<R>>> + Send + 'static,
     R: http_body::Body<Data = Bytes, Error = StoreError> + Unpin + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait, don't spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req: hyper::Request<Incoming>| {
-                    let start = Instant::now();
-                    let method = req.method().clone();
-                    let path = req.uri().path().to_owned();
-                    let fut = handler(req);
-                    async move {
-                        let resp = fut.await;
-                        log_request(peer, &method, &path, &resp, start);
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
-                    }
-                });
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(
+                        "{} connections open: not accepting more until one closes",
+                        limits.max_connections
+                    );
+                    last_full_warning = Some(Instant::now());
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                    () = &mut shutdown => break,
+                }
             }
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
-        }
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait, don't spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let limits = limits.clone();
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            let start = Instant::now();
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let (parts, body) = req.into_parts();
+            let body = RequestBody::new(body, &parts.headers, &limits);
+            let req = hyper::Request::from_parts(parts, body);
+            let task = tokio::spawn(handler(req));
+            async move {
+                let resp = task.await.unwrap_or_else(|e| {
+                    tracing::error!("request handler failed: {e}");
+                    let mut resp = hyper::Response::new(Body::full(
+                        r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,
+                    ));
+                    *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                    resp
+                });
+                log_request(peer, &method, &path, &resp, start);
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(slot);
+        });
     }
     drop(listener);
     tracing::info!("stopping: waiting for requests in flight");
@@ -138,6 +274,156 @@ where
         }
     }
     Ok(())
+}
+
+/// Why a request body failed.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The connection failed or the client went away.
+    Read(hyper::Error),
+    /// No bytes came for the body timeout.
+    Idle(Duration),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Read(e) => write!(f, "{e}"),
+            BodyError::Idle(t) => write!(f, "no data for {} s", t.as_secs_f64()),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// A request body as the core sees it: hyper's, failing once no bytes came for the body
+/// timeout. Dropped unfinished (a refused request), it finishes reading itself in the
+/// background, up to the drain limit, so the answer goes out at once and clients still sending
+/// read it rather than a reset; unless the client holds its body back for `100 Continue` and
+/// nothing read it, in which case hyper answers without `100 Continue` and closes.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+    timed_out: bool,
+    polled: bool,
+    expects_continue: bool,
+    drain_limit: u64,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, headers: &http::HeaderMap, limits: &Limits) -> Self {
+        let expects_continue = headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        RequestBody {
+            inner: Some(inner),
+            idle: limits.body_timeout,
+            timer: None,
+            waiting: false,
+            timed_out: false,
+            polled: false,
+            expects_continue,
+            drain_limit: limits.drain_limit,
+        }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        this.polled = true;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if this.timed_out {
+            return Poll::Ready(Some(Err(BodyError::Idle(this.idle.unwrap_or_default()))));
+        }
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::Read)))
+            }
+            Poll::Pending => {
+                let Some(idle) = this.idle else {
+                    return Poll::Pending;
+                };
+                let deadline = tokio::time::Instant::now() + idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.waiting {
+                    timer.as_mut().reset(deadline);
+                    this.waiting = true;
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.timed_out = true;
+                    return Poll::Ready(Some(Err(BodyError::Idle(idle))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        let limit = self.drain_limit;
+        if inner.is_end_stream()
+            || self.timed_out
+            || limit == 0
+            || (self.expects_continue && !self.polled)
+            || inner.size_hint().lower() > limit
+        {
+            return; // hyper closes the connection after the answer if the body is unfinished
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut rest = RequestBody {
+            inner: Some(inner),
+            idle: self.idle,
+            timer: None,
+            waiting: false,
+            timed_out: false,
+            polled: true,
+            expects_continue: false,
+            drain_limit: 0,
+        };
+        rt.spawn(async move {
+            let mut seen = 0u64;
+            while seen <= limit {
+                match rest.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(d) = frame.data_ref() {
+                            seen += d.remaining() as u64;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
 }
 
 /// One access-log line: peer, method, path, status, response length, time to the headers.

@@ -15,6 +15,8 @@
 //! Rules grant `pull`, `push` and `delete` on repository patterns to users, to every signed-in
 //! user (`"*"`) or to everyone (`"anonymous"`), and the catalog to those with `catalog = true`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use sha2::Sha256;
@@ -146,6 +148,29 @@ pub(crate) fn now_secs() -> u64 {
 
 /// Shared, cheaply cloned access configuration.
 pub type SharedAuth = Arc<AuthConfig>;
+
+/// One password check, ready to run: `true` when the password matches. It costs one password
+/// hash (argon2id: ~19 MiB and tens of milliseconds; bcrypt: hundreds of milliseconds), also for
+/// an unknown user.
+pub type PasswordCheck = Box<dyn FnOnce() -> bool + Send>;
+
+/// A password check that was not run because too many are running or waiting; the request gets
+/// 429 `TOOMANYREQUESTS` with `Retry-After`.
+#[derive(Debug, Clone, Copy)]
+pub struct Busy {
+    pub retry_after_secs: u64,
+}
+
+/// Where and when password checks run ([`crate::Config::password_checks`]). Without one, the
+/// core runs each check inline, on the task serving the request (the wasm components do: one
+/// request per instance). The native server supplies one that runs checks on its blocking pool,
+/// a bounded number at a time, so a burst of Basic credentials neither stalls the runtime nor
+/// holds a hash's memory per request. It decides only where a check runs and whether it runs
+/// now, later or not at all; the check itself (and its cost for unknown users) is unchanged.
+pub trait PasswordChecks: Send + Sync + std::fmt::Debug {
+    fn run(&self, check: PasswordCheck)
+    -> Pin<Box<dyn Future<Output = Result<bool, Busy>> + Send>>;
+}
 
 #[cfg(test)]
 mod tests {

@@ -241,11 +241,15 @@ impl AuthConfig {
     /// - a known user who may not do this: 403 `DENIED`, no challenge.
     ///
     /// Nothing here reads storage: the answer is the same whether the repository exists or not.
-    pub(crate) fn authorize(
-        &self,
+    ///
+    /// Basic credentials are checked through `checks` (inline without it): a busy check queue
+    /// answers 429 `TOOMANYREQUESTS`.
+    pub(crate) async fn authorize(
+        self: &Arc<Self>,
         parts: &http::request::Parts,
         need: &Need,
         now: u64,
+        checks: Option<&dyn PasswordChecks>,
     ) -> Result<Caller, Error> {
         let authz = header_str(&parts.headers, header::AUTHORIZATION).unwrap_or("");
         let (scheme, cred) = authz.split_once(' ').unwrap_or((authz, ""));
@@ -265,7 +269,7 @@ impl AuthConfig {
             let Some((user, password)) = decode_basic(cred) else {
                 return Err(self.challenge(parts, need, None, "malformed Basic credentials"));
             };
-            if !self.check_password(&user, &password) {
+            if !self.verify_password(checks, &user, &password).await? {
                 return Err(self.challenge(parts, need, None, "invalid username or password"));
             }
             let caller = Caller {
@@ -315,6 +319,31 @@ impl AuthConfig {
             };
         }
         Err(self.challenge(parts, need, None, "unsupported authorization scheme"))
+    }
+
+    /// [`Self::check_password`], run where `checks` says (inline without it). `Err`: 429, when
+    /// too many checks are running or waiting.
+    pub(super) async fn verify_password(
+        self: &Arc<Self>,
+        checks: Option<&dyn PasswordChecks>,
+        user: &str,
+        password: &str,
+    ) -> Result<bool, Error> {
+        let Some(checks) = checks else {
+            return Ok(self.check_password(user, password));
+        };
+        let (me, user, password) = (Arc::clone(self), user.to_owned(), password.to_owned());
+        checks
+            .run(Box::new(move || me.check_password(&user, &password)))
+            .await
+            .map_err(|busy| {
+                Error::new(
+                    ErrorCode::TooManyRequests,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many password checks in progress: retry later, or use a token",
+                )
+                .with_header(header::RETRY_AFTER, busy.retry_after_secs.to_string())
+            })
     }
 
     /// Checks a user's password. Every check costs the same, whoever the user and whether they

@@ -238,11 +238,13 @@ impl AuthConfig {
 
     /// `GET /token` (docker token spec) and `POST /token` (its OAuth2 form: `grant_type` of
     /// `password` or `refresh_token`). `form` is the POST body, already read.
-    pub(crate) fn token_endpoint(
-        &self,
+    /// Passwords are checked through `checks` (inline without it).
+    pub(crate) async fn token_endpoint(
+        self: &Arc<Self>,
         parts: &http::request::Parts,
         form: Option<&[u8]>,
         now: u64,
+        checks: Option<&dyn PasswordChecks>,
     ) -> Result<(StatusCode, Vec<u8>), Error> {
         if self.secret.is_none() {
             return Err(Error::not_found(
@@ -276,7 +278,7 @@ impl AuthConfig {
                             return Err(bad_credentials());
                         }
                         let (u, p) = decode_basic(cred.trim()).ok_or_else(bad_credentials)?;
-                        if !self.check_password(&u, &p) {
+                        if !self.verify_password(checks, &u, &p).await? {
                             return Err(bad_credentials());
                         }
                         Some(u)
@@ -293,7 +295,7 @@ impl AuthConfig {
                     Some("password") => {
                         let u = f.get("username").unwrap_or("");
                         let p = f.get("password").unwrap_or("");
-                        if !self.check_password(u, p) {
+                        if !self.verify_password(checks, u, p).await? {
                             return Err(bad_credentials());
                         }
                         Some(u.to_owned())
