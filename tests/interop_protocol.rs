@@ -502,6 +502,27 @@ async fn pull(alg: Alg) {
     expect_error(&s, r, &[404], &["MANIFEST_UNKNOWN"], "a missing tag").await;
     let r = s.head(&format!("/v2/{repo}/manifests/no-such-tag")).await;
     assert_eq!(r.status().as_u16(), 404, "HEAD a missing tag");
+    // A reference that is neither a tag nor a digest names nothing: 404, as the spec's
+    // conformance suite has it (`.INVALID_MANIFEST_NAME`), not a 400.
+    let r = s
+        .get(&format!("/v2/{repo}/manifests/.INVALID_MANIFEST_NAME"))
+        .await;
+    expect_error(
+        &s,
+        r,
+        &[404],
+        &["MANIFEST_UNKNOWN"],
+        "a reference that is neither a tag nor a digest",
+    )
+    .await;
+    let r = s
+        .head(&format!("/v2/{repo}/manifests/.INVALID_MANIFEST_NAME"))
+        .await;
+    assert_eq!(
+        r.status().as_u16(),
+        404,
+        "HEAD a reference that is neither a tag nor a digest"
+    );
     let r = s.get(&format!("/v2/{repo}/blobs/{missing}")).await;
     expect_error(&s, r, &[404], &["BLOB_UNKNOWN"], "a missing blob").await;
     let r = s.head(&format!("/v2/{repo}/blobs/{missing}")).await;
