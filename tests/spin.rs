@@ -444,6 +444,7 @@ on_both_stores! {
     chunked_push_on_fresh_instances => chunked_push;
     large_layer_in_bounded_memory => large_layer;
     access_control_from_spin_variables => access_control;
+    racing_patches_one_winner => racing_patches;
 }
 
 /// The oci-client scenario shared with the wasi:http component's test.
@@ -711,4 +712,82 @@ async fn limits_from_spin_variables() {
     assert_eq!(r.status(), 500);
     let text = r.text().await.unwrap();
     assert!(text.contains("DOCKSIDE_MAX_CHUNK_BYTES"), "{text}");
+}
+
+/// Compare-and-swap on the upload record: 16 PATCHes of the same first chunk race on one
+/// session, 20 rounds. Exactly one wins (202) each round, the others see the session moved
+/// (416), and the closing PUT yields a blob that matches its digest.
+async fn racing_patches(store: Store) {
+    const RACERS: usize = 16;
+    const ROUNDS: u64 = 20;
+    let spin = Spin::start(store, &[]).await;
+    let base = spin.base();
+    let http = common::client();
+    let mut failures = Vec::new();
+    for round in 0..ROUNDS {
+        let chunk = pseudo_random(256 * 1024 + round as usize, 100 + round);
+        let digest = sha256_digest(&chunk);
+        let loc = open_upload(&http, &base, "race/app").await;
+        let racers = (0..RACERS).map(|_| {
+            let (http, loc, chunk) = (http.clone(), loc.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .patch(&loc)
+                    .header("content-type", "application/octet-stream")
+                    .header("content-range", format!("0-{}", chunk.len() - 1))
+                    .body(chunk)
+                    .send()
+                    .await
+                    .expect("a PATCH");
+                let status = r.status().as_u16();
+                let next = r
+                    .headers()
+                    .get("location")
+                    .map(|l| l.to_str().unwrap().to_owned());
+                (status, next)
+            })
+        });
+        let results: Vec<(u16, Option<String>)> = futures_util::future::join_all(racers)
+            .await
+            .into_iter()
+            .map(|r| r.expect("a racer"))
+            .collect();
+        let mut statuses: Vec<u16> = results.iter().map(|(s, _)| *s).collect();
+        statuses.sort_unstable();
+        let won = statuses.iter().filter(|&&s| s == 202).count();
+        if won != 1 || statuses.iter().any(|&s| s != 202 && s != 416) {
+            failures.push(format!("round {round}: {statuses:?}"));
+        }
+        let r = http.get(&loc).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        assert_eq!(
+            r.headers()["range"],
+            format!("0-{}", chunk.len() - 1).as_str(),
+            "round {round}: the session holds the chunk once ({statuses:?})"
+        );
+        let r = http.put(with_digest(&loc, &digest)).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "round {round}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        let got = http
+            .get(format!("{base}/v2/race/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            got[..] == chunk[..],
+            "round {round}: the blob came back different"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "racing PATCHes on one session ({store:?}): not exactly one 202 and the rest 416:\n{}",
+        failures.join("\n")
+    );
 }
