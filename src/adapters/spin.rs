@@ -3,7 +3,9 @@
 //!
 //! It only translates. Spin's request is already an `http::Request` whose body streams, and
 //! the core's response streams back as it is. Spin gives a component a key-value store and no
-//! blob store, so blobs are chunked into the key-value store ([`KvBlobs`]).
+//! blob store, so blobs are chunked into the key-value store ([`KvBlobs`]). Upload records are
+//! compare-and-swapped through `wasi:keyvalue/atomics` (see [`SpinKv`]), so PATCHes racing on
+//! one session on different instances cannot both win.
 //!
 //! Spin may run a fresh instance per request or serve several requests at once from one
 //! instance: nothing here is kept between requests, and there are no globals.
