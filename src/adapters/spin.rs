@@ -54,7 +54,15 @@ async fn respond(req: Request) -> Response {
         Ok(c) => c,
         Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
     };
-    let registry = Registry::new(store.clone(), KvBlobs::new(store), config);
+    let chunk = match chunk_bytes().await {
+        Ok(c) => c,
+        Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
+    };
+    let registry = Registry::new(
+        store.clone(),
+        KvBlobs::with_chunk_size(store, chunk),
+        config,
+    );
     registry.handle(req).await
 }
 
@@ -85,6 +93,30 @@ async fn config() -> Result<Config, String> {
         }
     }
     Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))
+}
+
+/// The largest chunk value: local Spin caps a key-value value at 128 MiB, and the component
+/// holds one chunk in memory while it streams.
+const MAX_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+
+/// The size of the key-value values blobs are chunked into: the Spin variable `chunk_bytes`
+/// (default 1 MiB, at most [`MAX_CHUNK_BYTES`]). Larger chunks mean fewer key-value writes per
+/// blob (on Spin's SQLite store, one transaction and its fsyncs per chunk); Fermyon Cloud
+/// accepts values of 1 MB only, so leave it unset there. Blobs keep the chunk size they were
+/// written with, so it may change between runs (not during an upload).
+async fn chunk_bytes() -> Result<usize, String> {
+    match spin_sdk::variables::get("chunk_bytes").await {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) if (1024..=MAX_CHUNK_BYTES).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "Spin variable chunk_bytes: {v:?} is not a byte count from 1024 to {MAX_CHUNK_BYTES}"
+            )),
+        },
+        Ok(_) | Err(spin_sdk::variables::Error::Undefined(_)) => {
+            Ok(crate::hosts::kvblobs::DEFAULT_CHUNK)
+        }
+        Err(e) => Err(format!("Spin variable chunk_bytes: {e:?}")),
+    }
 }
 
 /// An error answered before the core runs, in the registry's error envelope.
