@@ -280,9 +280,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         reference: &str,
         head: bool,
     ) -> Result<RegistryResponse<B>> {
-        let digest = match parse_reference(reference)? {
-            ManifestRef::Digest(d) => Some(d),
-            ManifestRef::Tag(t) => self.resolve_tag(name, &t).await?,
+        // A reference that is neither a valid tag nor a valid digest names no manifest: 404
+        // MANIFEST_UNKNOWN, as the spec's conformance suite expects of GET and HEAD (a PUT
+        // with an invalid tag is still a 400 TAG_INVALID).
+        let digest = match parse_reference(reference) {
+            Ok(ManifestRef::Digest(d)) => Some(d),
+            Ok(ManifestRef::Tag(t)) => self.resolve_tag(name, &t).await?,
+            Err(_) => None,
         };
         let found = match &digest {
             Some(d) => self.load_manifest(name, d).await?.map(|m| (d, m)),

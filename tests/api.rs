@@ -985,10 +985,23 @@ async fn manifests_push_and_pull(h: H) {
     h.get("/v2/never/pushed/manifests/latest")
         .await
         .expect_error(404, "NAME_UNKNOWN");
-    h.get("/v2/app/manifests/-bad")
+    // Neither a valid tag nor a valid digest: no such manifest (404, as the spec's conformance
+    // suite asks of GET and HEAD), but still a client error when pushed to.
+    for bad in ["-bad", ".INVALID_MANIFEST_NAME", "sha256:abc", "a:b"] {
+        h.get(&format!("/v2/app/manifests/{bad}"))
+            .await
+            .expect_error(404, "MANIFEST_UNKNOWN");
+        h.head(&format!("/v2/app/manifests/{bad}"))
+            .await
+            .expect(404);
+    }
+    h.get("/v2/never/pushed/manifests/.INVALID_MANIFEST_NAME")
+        .await
+        .expect_error(404, "NAME_UNKNOWN");
+    h.put_manifest("app", ".INVALID_MANIFEST_NAME", OCI_MANIFEST, &m3)
         .await
         .expect_error(400, "TAG_INVALID");
-    h.get("/v2/app/manifests/sha256:abc")
+    h.put_manifest("app", "sha256:abc", OCI_MANIFEST, &m3)
         .await
         .expect_error(400, "DIGEST_INVALID");
 }

@@ -3,7 +3,9 @@
 //!
 //! It only translates. Spin's request is already an `http::Request` whose body streams, and
 //! the core's response streams back as it is. Spin gives a component a key-value store and no
-//! blob store, so blobs are chunked into the key-value store ([`KvBlobs`]).
+//! blob store, so blobs are chunked into the key-value store ([`KvBlobs`]). Upload records are
+//! compare-and-swapped through `wasi:keyvalue/atomics` (see [`SpinKv`]), so PATCHes racing on
+//! one session on different instances cannot both win.
 //!
 //! Spin may run a fresh instance per request or serve several requests at once from one
 //! instance: nothing here is kept between requests, and there are no globals.
@@ -15,8 +17,10 @@
 //! `no_delete`, `no_tag_delete`: each is the `DOCKSIDE_*` setting of the same name, lower-cased
 //! without the prefix. Empty means unset.
 
+use std::cell::OnceCell;
 use std::rc::Rc;
 
+use spin_sdk::experimental::wasi::keyvalue::{atomics, store as wasi_kv};
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::key_value::Store;
 
@@ -35,7 +39,10 @@ async fn handle(req: Request) -> impl IntoResponse {
 
 async fn respond(req: Request) -> Response {
     let store = match Store::open_default().await {
-        Ok(s) => SpinKv(Rc::new(s)),
+        Ok(s) => SpinKv {
+            store: Rc::new(s),
+            bucket: Rc::default(),
+        },
         Err(e) => {
             // The registry's error envelope needs a registry; answer in the same shape.
             return plain_error(format!(
@@ -47,7 +54,15 @@ async fn respond(req: Request) -> Response {
         Ok(c) => c,
         Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
     };
-    let registry = Registry::new(store.clone(), KvBlobs::new(store), config);
+    let chunk = match chunk_bytes().await {
+        Ok(c) => c,
+        Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
+    };
+    let registry = Registry::new(
+        store.clone(),
+        KvBlobs::with_chunk_size(store, chunk),
+        config,
+    );
     registry.handle(req).await
 }
 
@@ -80,6 +95,30 @@ async fn config() -> Result<Config, String> {
     Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))
 }
 
+/// The largest chunk value: local Spin caps a key-value value at 128 MiB, and the component
+/// holds one chunk in memory while it streams.
+const MAX_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+
+/// The size of the key-value values blobs are chunked into: the Spin variable `chunk_bytes`
+/// (default 1 MiB, at most [`MAX_CHUNK_BYTES`]). Larger chunks mean fewer key-value writes per
+/// blob (on Spin's SQLite store, one transaction and its fsyncs per chunk); Fermyon Cloud
+/// accepts values of 1 MB only, so leave it unset there. Blobs keep the chunk size they were
+/// written with, so it may change between runs (not during an upload).
+async fn chunk_bytes() -> Result<usize, String> {
+    match spin_sdk::variables::get("chunk_bytes").await {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) if (1024..=MAX_CHUNK_BYTES).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "Spin variable chunk_bytes: {v:?} is not a byte count from 1024 to {MAX_CHUNK_BYTES}"
+            )),
+        },
+        Ok(_) | Err(spin_sdk::variables::Error::Undefined(_)) => {
+            Ok(crate::hosts::kvblobs::DEFAULT_CHUNK)
+        }
+        Err(e) => Err(format!("Spin variable chunk_bytes: {e:?}")),
+    }
+}
+
 /// An error answered before the core runs, in the registry's error envelope.
 fn plain_error(message: String) -> Response {
     let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]});
@@ -91,24 +130,47 @@ fn plain_error(message: String) -> Response {
 }
 
 /// Spin's key-value store as the core's [`KeyValue`]. Cloning shares the store.
+///
+/// Reads, writes and listings go through `spin:key-value`; compare-and-swap through
+/// `wasi:keyvalue/atomics` (draft 2024-10-17), which Spin 4 implements on every key-value
+/// backend it ships (SQLite: a conditional `UPDATE`; Redis: `WATCH` + `MULTI`/`EXEC`). Both
+/// interfaces open the same store, `default`; the `wasi:keyvalue` bucket is opened only when a
+/// compare-and-swap needs it (upload PATCHes and PUTs).
 #[derive(Clone)]
-struct SpinKv(Rc<Store>);
+struct SpinKv {
+    store: Rc<Store>,
+    bucket: Rc<OnceCell<wasi_kv::Bucket>>,
+}
 
 fn store_error(e: spin_sdk::key_value::Error) -> StoreError {
     StoreError::new(format!("spin key-value: {e:?}"))
 }
 
+fn wasi_kv_error(e: wasi_kv::Error) -> StoreError {
+    StoreError::new(format!("wasi:keyvalue: {e:?}"))
+}
+
+impl SpinKv {
+    fn bucket(&self) -> Result<&wasi_kv::Bucket, StoreError> {
+        if let Some(b) = self.bucket.get() {
+            return Ok(b);
+        }
+        let b = wasi_kv::open("default").map_err(wasi_kv_error)?;
+        Ok(self.bucket.get_or_init(|| b))
+    }
+}
+
 impl KeyValue for SpinKv {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.0.get(key).await.map_err(store_error)
+        self.store.get(key).await.map_err(store_error)
     }
 
     async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.0.set(key, value).await.map_err(store_error)
+        self.store.set(key, value).await.map_err(store_error)
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.0.delete(key).await.map_err(store_error)
+        self.store.delete(key).await.map_err(store_error)
     }
 
     /// Spin lists every key of the store, with no prefix filter and no order: each listing
@@ -119,7 +181,7 @@ impl KeyValue for SpinKv {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut keys = self.0.get_keys().await;
+        let mut keys = self.store.get_keys().await;
         let mut matching = Vec::new();
         while let Some(k) = keys.next().await {
             if k.starts_with(prefix) {
@@ -128,5 +190,37 @@ impl KeyValue for SpinKv {
         }
         keys.result().await.map_err(store_error)?;
         Ok(page_of(matching, prefix, after, limit))
+    }
+
+    /// Atomic through `wasi:keyvalue/atomics`: the swap happens only if the key still holds
+    /// what `current` read (Spin's SQLite store compares the value itself; Redis watches the
+    /// key). A swap that lost the race is `false`, never an error.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        let cas = atomics::Cas::new(self.bucket()?, key).map_err(wasi_kv_error)?;
+        if cas.current().map_err(wasi_kv_error)?.as_deref() != expected {
+            return Ok(false);
+        }
+        match atomics::swap(cas, new) {
+            Ok(()) => Ok(true),
+            // Spin 4.0.2's Redis store reports every swap as failed, the ones that happened
+            // too: after `EXEC` it sends `UNWATCH <key>`, which Redis refuses (UNWATCH takes no
+            // argument), and turns that error into `cas-failed`. A swap that really lost left
+            // the key to the winner's value (on Redis the aborted `EXEC` wrote nothing; on
+            // SQLite the conditional `UPDATE` changed no row). So the key holding exactly
+            // `new` means this swap happened: the core's records differ at every transition
+            // (fresh part nonces, a growing offset), so no other writer sets the same bytes.
+            // What this cannot see is another writer that read `new` and swapped it again
+            // before this read: it would have to load the session, store its chunk and
+            // compare-and-swap within this one round trip.
+            Err(atomics::CasError::CasFailed(_)) => {
+                Ok(self.store.get(key).await.map_err(store_error)?.as_deref() == Some(new))
+            }
+            Err(atomics::CasError::StoreError(e)) => Err(wasi_kv_error(e)),
+        }
     }
 }

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256, Sha512};
 
+pub mod scenarios;
+
 /// How long a server may take to print its "listening on" line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 

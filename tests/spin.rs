@@ -1,0 +1,816 @@
+//! The Spin component under `spin up` (Spin 4), driven through its HTTP surface only, on
+//! Spin's default SQLite key-value store and on Redis (or Valkey) through a runtime
+//! configuration file. Spin instantiates the component per request, so every PATCH of a chunked
+//! upload lands on a fresh instance and all state goes through the key-value store.
+//!
+//! Needs the Spin CLI and the component built by `spin build`: `.ci/spin` builds it, installs
+//! Redis and runs `cargo test --features spin-e2e --test spin`. The CLI is `DOCKSIDE_SPIN` if
+//! set, else `<repository>/../shared/tools/spin`, else `/work/shared/tools/spin`; the Redis
+//! server is `DOCKSIDE_REDIS_SERVER` if set, else `valkey-server` or `redis-server` on `PATH`.
+//! Without them every test fails and says why; none skips.
+//!
+//! `DOCKSIDE_SPIN_LARGE_MIB` sets the size of the large layer (default 256).
+#![cfg(feature = "spin-e2e")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::scenarios::{self, AUTH_SECRET, auth_toml};
+use common::{proc_status_kib, pseudo_random, sha256_digest, sha256_finish};
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+
+/// How long `spin up` may take to answer its first request (the first start of a machine
+/// compiles the component; Spin caches that).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Spin CLI: `DOCKSIDE_SPIN`, else `../shared/tools/spin` beside the repository, else
+/// `/work/shared/tools/spin`. Panics when there is none: these tests were asked for.
+pub fn spin_cli() -> PathBuf {
+    if let Ok(p) = std::env::var("DOCKSIDE_SPIN")
+        && !p.is_empty()
+    {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "DOCKSIDE_SPIN={} is not a file", p.display());
+        return p;
+    }
+    let candidates = [
+        repo_root().join("../shared/tools/spin"),
+        PathBuf::from("/work/shared/tools/spin"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no Spin CLI: set DOCKSIDE_SPIN, or provide one of {candidates:?} (see \
+                 ../shared/tools/README.md)"
+            )
+        })
+}
+
+/// The Spin component `spin.toml` names, which `spin build` must have built.
+fn component() -> PathBuf {
+    let manifest = std::fs::read_to_string(repo_root().join("spin.toml")).expect("spin.toml");
+    let source = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("source = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("spin.toml names the component's source");
+    let path = repo_root().join(source);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `spin build` first (.ci/spin does)",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free on 127.0.0.1 a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// The lines a child process wrote, read by background threads so its pipes never fill.
+#[derive(Clone, Default)]
+struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    fn drain(&self, pipe: impl Read + Send + 'static) {
+        let out = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut v = out.0.lock().unwrap_or_else(|p| p.into_inner());
+                if v.len() > 5000 {
+                    v.drain(..2500);
+                }
+                v.push(line);
+            }
+        });
+    }
+
+    fn tail(&self) -> String {
+        let v = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        v[v.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis (or Valkey), for the Redis key-value store
+
+/// The Redis server binary: `DOCKSIDE_REDIS_SERVER`, else `valkey-server`, else
+/// `redis-server` on `PATH`.
+fn redis_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("DOCKSIDE_REDIS_SERVER")
+        && !p.is_empty()
+    {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["valkey-server", "redis-server"] {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "neither valkey-server nor redis-server is on PATH (set DOCKSIDE_REDIS_SERVER): \
+         .ci/spin installs one"
+    )
+}
+
+/// A Redis server on a free loopback port, in memory only, killed on drop.
+struct Redis {
+    child: Child,
+    port: u16,
+    out: Output,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let bin = redis_server_binary();
+        let dir = tempfile::tempdir().expect("a directory for redis");
+        for _ in 0..3 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                ])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+            let out = Output::default();
+            out.drain(child.stdout.take().unwrap());
+            out.drain(child.stderr.take().unwrap());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if ping(port) {
+                    return Redis {
+                        child,
+                        port,
+                        out,
+                        _dir: dir,
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("redis on port {port} did not start:\n{}", out.tail());
+        }
+        panic!("{} did not start in three tries", bin.display());
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- redis output ----\n{}", self.out.tail());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// spin up
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Store {
+    /// Spin's default key-value store: SQLite in the state directory.
+    Sqlite,
+    /// Redis, through `--runtime-config-file`.
+    Redis,
+}
+
+/// `spin up` of the repository's own `spin.toml`, with a state directory of its own, on a free
+/// loopback port. `spin up` runs the HTTP trigger as a child process: both are in a process
+/// group of their own, stopped together on drop.
+struct Spin {
+    child: Child,
+    addr: String,
+    out: Output,
+    _state: tempfile::TempDir,
+    _redis: Option<Redis>,
+}
+
+impl Spin {
+    async fn start(store: Store, variables: &[(&str, String)]) -> Spin {
+        for _ in 0..3 {
+            if let Some(spin) = Spin::try_start(store, variables).await {
+                return spin;
+            }
+        }
+        panic!("spin up could not get a free port in three tries");
+    }
+
+    /// `None` if the port was taken meanwhile.
+    async fn try_start(store: Store, variables: &[(&str, String)]) -> Option<Spin> {
+        let cli = spin_cli();
+        let manifest = repo_root().join("spin.toml");
+        component();
+        let state = tempfile::Builder::new()
+            .prefix("dockside-spin-")
+            .tempdir()
+            .expect("a state directory");
+        let redis = (store == Store::Redis).then(Redis::start);
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(&cli);
+        cmd.arg("up")
+            .arg("--from")
+            .arg(&manifest)
+            .args(["--listen", &addr])
+            .arg("--state-dir")
+            .arg(state.path());
+        if let Some(r) = &redis {
+            let rc = state.path().join("runtime-config.toml");
+            std::fs::write(
+                &rc,
+                format!(
+                    "[key_value_store.default]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n",
+                    r.port
+                ),
+            )
+            .expect("write runtime-config.toml");
+            cmd.arg("--runtime-config-file").arg(rc);
+        }
+        // Only the variables given here reach the component.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SPIN_VARIABLE_") {
+                cmd.env_remove(&k);
+            }
+        }
+        for (k, v) in variables {
+            cmd.env(format!("SPIN_VARIABLE_{}", k.to_uppercase()), v);
+        }
+        let mut child = cmd
+            .current_dir(state.path())
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli.display()));
+        let out = Output::default();
+        out.drain(child.stdout.take().unwrap());
+        out.drain(child.stderr.take().unwrap());
+        let mut spin = Spin {
+            child,
+            addr,
+            out,
+            _state: state,
+            _redis: redis,
+        };
+        let http = common::client();
+        let started = Instant::now();
+        loop {
+            // Any answer will do (401 with access control on, 500 with a bad setting): the
+            // component is serving.
+            if http
+                .get(format!("http://{}/v2/", spin.addr))
+                .send()
+                .await
+                .is_ok()
+            {
+                eprintln!("spin up ({store:?}) answered after {:?}", started.elapsed());
+                return Some(spin);
+            }
+            if let Some(status) = spin.child.try_wait().expect("try_wait") {
+                if spin.out.tail().contains("in use") {
+                    eprintln!("port taken, retrying:\n{}", spin.out.tail());
+                    return None;
+                }
+                panic!("spin up exited with {status}:\n{}", spin.out.tail());
+            }
+            assert!(
+                started.elapsed() < STARTUP_TIMEOUT,
+                "spin up did not answer within {STARTUP_TIMEOUT:?}:\n{}",
+                spin.out.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The pids of the process group: `spin up` and its trigger process.
+    fn pids(&self) -> Vec<u32> {
+        let pgid = self.child.id();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            // /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+                pids.push(pid);
+            }
+        }
+        assert!(pids.contains(&pgid), "spin up ({pgid}) is not running");
+        pids
+    }
+
+    /// The peak resident set (`VmHWM`) of `spin up` and its children, added up, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        self.pids()
+            .into_iter()
+            .map(|p| proc_status_kib(p, "VmHWM:"))
+            .sum()
+    }
+}
+
+impl Drop for Spin {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Whatever is left of the group (the trigger process, if it outlived its parent).
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- spin up output ----\n{}", self.out.tail());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small HTTP helpers
+
+fn location(base: &str, r: &reqwest::Response) -> String {
+    let l = r.headers()["location"].to_str().unwrap();
+    if l.starts_with("http") {
+        l.to_owned()
+    } else {
+        format!("{base}{l}")
+    }
+}
+
+async fn open_upload(http: &reqwest::Client, base: &str, repo: &str) -> String {
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    location(base, &r)
+}
+
+fn with_digest(loc: &str, digest: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}digest={digest}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests, each on both stores
+
+/// Defines `sqlite_<name>` and `redis_<name>` running `$body(store)`.
+macro_rules! on_both_stores {
+    ($($name:ident => $f:ident;)*) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$f(super::Store::Sqlite).await;
+            })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                super::$f(super::Store::Redis).await;
+            })*
+        }
+    };
+}
+
+on_both_stores! {
+    oci_client_push_and_pull => push_and_pull;
+    chunked_push_on_fresh_instances => chunked_push;
+    large_layer_in_bounded_memory => large_layer;
+    access_control_from_spin_variables => access_control;
+    racing_patches_one_winner => racing_patches;
+}
+
+/// The oci-client scenario shared with the wasi:http component's test.
+async fn push_and_pull(store: Store) {
+    let spin = Spin::start(store, &[]).await;
+    scenarios::push_and_pull(&spin.addr).await;
+}
+
+/// A chunked upload by hand: chunks of odd sizes (not multiples of the store's 1 MiB chunk
+/// values), each PATCH with its `Content-Range` on a fresh instance, the session's progress
+/// read back between them, the last chunk in the closing PUT; then the blob whole, and ranges
+/// across the parts' boundaries.
+async fn chunked_push(store: Store) {
+    chunked_push_with(store, &[]).await;
+}
+
+async fn chunked_push_with(store: Store, variables: &[(&str, String)]) {
+    let spin = Spin::start(store, variables).await;
+    let base = spin.base();
+    let http = common::client();
+    let data = pseudo_random(7 * 1_500_007 + 4321, 42);
+    let digest = sha256_digest(&data);
+    let mut loc = open_upload(&http, &base, "chunks/app").await;
+    let mut offset = 0usize;
+    for piece in data[..7 * 1_500_007].chunks(1_500_007) {
+        let end = offset + piece.len();
+        let r = http
+            .patch(&loc)
+            .header("content-type", "application/octet-stream")
+            .header("content-range", format!("{offset}-{}", end - 1))
+            .body(piece.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+        assert_eq!(r.headers()["range"], format!("0-{}", end - 1).as_str());
+        loc = location(&base, &r);
+        let r = http.get(&loc).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        assert_eq!(r.headers()["range"], format!("0-{}", end - 1).as_str());
+        offset = end;
+    }
+    // A chunk out of order is refused (416) and changes nothing.
+    let r = http
+        .patch(&loc)
+        .header("content-type", "application/octet-stream")
+        .header("content-range", "5-9")
+        .body(vec![0u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    let r = http
+        .put(with_digest(&loc, &digest))
+        .header("content-type", "application/octet-stream")
+        .body(data[offset..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let blob = format!("{base}/v2/chunks/app/blobs/{digest}");
+    let got = http.get(&blob).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    let got = got.bytes().await.unwrap();
+    assert!(
+        got.len() == data.len() && got[..] == data[..],
+        "the blob came back different"
+    );
+    for (from, to) in [(1_500_000, 1_500_020), (1_048_570, 3_100_000), (0, 0)] {
+        let r = http
+            .get(&blob)
+            .header("range", format!("bytes={from}-{to}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert!(r.bytes().await.unwrap()[..] == data[from..=to]);
+    }
+}
+
+/// Block `i` of the large layer: a fixed pseudo-random MiB with `i` in its first 8 bytes, so a
+/// block out of place or repeated changes the digest.
+fn block(base: &[u8], i: u64) -> bytes::Bytes {
+    let mut b = base.to_vec();
+    b[..8].copy_from_slice(&i.to_le_bytes());
+    bytes::Bytes::from(b)
+}
+
+/// A large layer pushed in one streamed PATCH and pulled back, byte for byte (by digest and
+/// length), while the memory of `spin up` and its trigger process stays bounded: neither
+/// buffers the layer.
+async fn large_layer(store: Store) {
+    let mib: u64 = std::env::var("DOCKSIDE_SPIN_LARGE_MIB")
+        .ok()
+        .map(|v| v.parse().expect("DOCKSIDE_SPIN_LARGE_MIB is a number"))
+        .unwrap_or(256);
+    let spin = Spin::start(store, &[]).await;
+    let base = spin.base();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1800))
+        .build()
+        .unwrap();
+    let unit = pseudo_random(1024 * 1024, 7);
+    let mut h = Sha256::new();
+    for i in 0..mib {
+        h.update(block(&unit, i));
+    }
+    let digest = sha256_finish(h);
+    let size = mib * 1024 * 1024;
+    // Warm up (a small push and pull), then take the baseline.
+    scenarios_small_push(&http, &base).await;
+    let before = spin.peak_rss_kib();
+
+    let loc = open_upload(&http, &base, "large/app").await;
+    let unit2 = unit.clone();
+    let body = futures_util::stream::iter(
+        (0..mib).map(move |i| Ok::<_, std::io::Error>(block(&unit2, i))),
+    );
+    let t = Instant::now();
+    let r = http
+        .patch(&loc)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let loc = location(&base, &r);
+    let r = http.put(with_digest(&loc, &digest)).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let push = t.elapsed();
+
+    let t = Instant::now();
+    let r = http
+        .get(format!("{base}/v2/large/app/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"].to_str().unwrap(),
+        size.to_string()
+    );
+    let mut h = Sha256::new();
+    let mut got = 0u64;
+    let mut stream = r.bytes_stream();
+    while let Some(b) = stream.next().await {
+        let b = b.expect("the layer's body");
+        got += b.len() as u64;
+        h.update(&b);
+    }
+    let pull = t.elapsed();
+    assert_eq!(got, size, "the pulled layer's length");
+    assert_eq!(sha256_finish(h), digest, "the pulled layer's digest");
+
+    let after = spin.peak_rss_kib();
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    eprintln!(
+        "spin up ({store:?}), {mib} MiB layer: push {push:.2?} ({:.0} MiB/s), pull {pull:.2?} \
+         ({:.0} MiB/s); peak RSS of spin up and its trigger: {} KiB before, {} KiB after",
+        rate(push),
+        rate(pull),
+        before,
+        after
+    );
+    // The layer passes through in chunks: spin's memory may not grow by anything like it.
+    let bound = 96 * 1024;
+    assert!(
+        after.saturating_sub(before) < bound,
+        "spin up's peak RSS grew by {} KiB during a {mib} MiB push and pull (bound {bound} KiB)",
+        after - before
+    );
+}
+
+/// A one-request push and a pull of a small blob.
+async fn scenarios_small_push(http: &reqwest::Client, base: &str) {
+    let data = pseudo_random(100_000, 3);
+    let d = sha256_digest(&data);
+    let r = http
+        .post(format!("{base}/v2/warm/app/blobs/uploads/?digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .get(format!("{base}/v2/warm/app/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.bytes().await.unwrap()[..] == data[..]);
+}
+
+/// Access control from Spin variables (`SPIN_VARIABLE_AUTH_CONFIG`,
+/// `SPIN_VARIABLE_AUTH_SECRET`): the scenario shared with the wasi:http component; and without
+/// a secret the component refuses to serve rather than run open.
+async fn access_control(store: Store) {
+    let spin = Spin::start(
+        store,
+        &[
+            ("auth_config", auth_toml()),
+            ("auth_secret", AUTH_SECRET.to_owned()),
+        ],
+    )
+    .await;
+    scenarios::access_control(&spin.addr).await;
+    drop(spin);
+
+    let spin = Spin::start(store, &[("auth_config", auth_toml())]).await;
+    let r = common::client()
+        .get(format!("{}/v2/public/app/tags/list", spin.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("no token secret"), "{body}");
+}
+
+/// Limits from Spin variables: advertised, enforced before anything is stored, and a malformed
+/// value reported rather than ignored. (Settings do not depend on the store: SQLite only.)
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_from_spin_variables() {
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            ("max_chunk_bytes", "1000".to_owned()),
+            ("chunk_min_length", "500".to_owned()),
+            ("no_delete", "true".to_owned()),
+        ],
+    )
+    .await;
+    let base = spin.base();
+    let http = common::client();
+    let r = http
+        .post(format!("{base}/v2/lim/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["oci-chunk-max-length"], "1000");
+    assert_eq!(r.headers()["oci-chunk-min-length"], "500");
+    let loc = location(&base, &r);
+    let r = http.patch(&loc).body(vec![7u8; 2000]).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let r = http.get(&loc).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["range"],
+        "0-0",
+        "the refused PATCH stored nothing"
+    );
+    let r = http
+        .delete(format!("{base}/v2/lim/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405, "no_delete=true");
+    drop(spin);
+
+    let bad = Spin::start(Store::Sqlite, &[("max_chunk_bytes", "lots".to_owned())]).await;
+    let r = http
+        .get(format!("{}/v2/", bad.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("DOCKSIDE_MAX_CHUNK_BYTES"), "{text}");
+}
+
+/// Compare-and-swap on the upload record: 16 PATCHes of the same first chunk race on one
+/// session, 20 rounds. Exactly one wins (202) each round, the others see the session moved
+/// (416), and the closing PUT yields a blob that matches its digest.
+async fn racing_patches(store: Store) {
+    const RACERS: usize = 16;
+    const ROUNDS: u64 = 20;
+    let spin = Spin::start(store, &[]).await;
+    let base = spin.base();
+    let http = common::client();
+    let mut failures = Vec::new();
+    for round in 0..ROUNDS {
+        let chunk = pseudo_random(256 * 1024 + round as usize, 100 + round);
+        let digest = sha256_digest(&chunk);
+        let loc = open_upload(&http, &base, "race/app").await;
+        let racers = (0..RACERS).map(|_| {
+            let (http, loc, chunk) = (http.clone(), loc.clone(), chunk.clone());
+            tokio::spawn(async move {
+                let r = http
+                    .patch(&loc)
+                    .header("content-type", "application/octet-stream")
+                    .header("content-range", format!("0-{}", chunk.len() - 1))
+                    .body(chunk)
+                    .send()
+                    .await
+                    .expect("a PATCH");
+                let status = r.status().as_u16();
+                let next = r
+                    .headers()
+                    .get("location")
+                    .map(|l| l.to_str().unwrap().to_owned());
+                (status, next)
+            })
+        });
+        let results: Vec<(u16, Option<String>)> = futures_util::future::join_all(racers)
+            .await
+            .into_iter()
+            .map(|r| r.expect("a racer"))
+            .collect();
+        let mut statuses: Vec<u16> = results.iter().map(|(s, _)| *s).collect();
+        statuses.sort_unstable();
+        let won = statuses.iter().filter(|&&s| s == 202).count();
+        if won != 1 || statuses.iter().any(|&s| s != 202 && s != 416) {
+            failures.push(format!("round {round}: {statuses:?}"));
+        }
+        let r = http.get(&loc).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        assert_eq!(
+            r.headers()["range"],
+            format!("0-{}", chunk.len() - 1).as_str(),
+            "round {round}: the session holds the chunk once ({statuses:?})"
+        );
+        let r = http.put(with_digest(&loc, &digest)).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "round {round}: {}",
+            r.text().await.unwrap_or_default()
+        );
+        let got = http
+            .get(format!("{base}/v2/race/app/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            got[..] == chunk[..],
+            "round {round}: the blob came back different"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "racing PATCHes on one session ({store:?}): not exactly one 202 and the rest 416:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// The chunk size of blobs in the key-value store from the Spin variable `chunk_bytes`: an odd
+/// size (so chunk, part and range boundaries all differ) pushes and reads back intact, and a
+/// value out of bounds is reported rather than ignored. (SQLite only: the store does not care.)
+#[tokio::test(flavor = "multi_thread")]
+async fn chunk_size_from_spin_variable() {
+    chunked_push_with(Store::Sqlite, &[("chunk_bytes", "65537".to_owned())]).await;
+    for bad in ["12", "lots", "1000000000"] {
+        let spin = Spin::start(Store::Sqlite, &[("chunk_bytes", bad.to_owned())]).await;
+        let r = common::client()
+            .get(format!("{}/v2/", spin.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 500, "chunk_bytes={bad}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("chunk_bytes"), "{text}");
+    }
+}
