@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Serve the registry over HTTP, storing in a local directory, or in Valkey/Redis (keys)
     /// and S3 (blobs) shared by several instances.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
     /// standard input (one line).
     HashPassword(HashArgs),
@@ -174,7 +174,7 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::HashPassword(args) => hash_password(args),
     };
     match result {

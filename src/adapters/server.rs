@@ -67,7 +67,8 @@ pub enum ServerKv {
 #[derive(Clone)]
 pub enum ServerBlobs {
     Dir(Pooled<FsBlobs>),
-    S3(S3Blobs<HyperClient>),
+    /// Boxed: the bucket's settings and credentials are large beside a directory path.
+    S3(Box<S3Blobs<HyperClient>>),
 }
 
 impl From<FsKv> for ServerKv {
@@ -90,7 +91,7 @@ impl From<FsBlobs> for ServerBlobs {
 
 impl From<S3Blobs<HyperClient>> for ServerBlobs {
     fn from(blobs: S3Blobs<HyperClient>) -> Self {
-        ServerBlobs::S3(blobs)
+        ServerBlobs::S3(Box::new(blobs))
     }
 }
 
