@@ -515,3 +515,30 @@ fn unusable_stores_stop_the_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_uploads_are_purged_on_shared_stores() {
+    let shared = Shared::new();
+    let server = shared.start(&["--upload-expiry-secs", "1"]);
+    let name = "scale/stale";
+    let location = start_upload(&server, name).await;
+    let location = patch(&server, &location, 0, &pseudo_random(5 * MIB, 5)).await;
+    let parts = |objects: &[String]| objects.iter().any(|o| o.starts_with("uploads/"));
+    assert!(parts(&shared.objects().await), "the PATCH left a part");
+    // Purged within a few seconds: the session is gone, and its part from the bucket.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = client().get(at(&server, &location)).send().await.unwrap();
+        if r.status() == StatusCode::NOT_FOUND && !parts(&shared.objects().await) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale upload was not purged: {r:?} {:#?}",
+            shared.objects().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    server.wait_for_log("cancelled 1 upload sessions", Duration::from_secs(1));
+    server.stop();
+}
