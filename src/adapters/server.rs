@@ -1,5 +1,9 @@
 //! The native adapter: a hyper/tokio HTTP/1.1 server around [`Registry::handle`].
 //!
+//! Its stores are chosen at start ([`ServerKv`]: a directory or Valkey/Redis; [`ServerBlobs`]: a
+//! directory or an S3 bucket), behind enums so that [`ServedRegistry`] is one concrete type.
+//! With both remote, instances share everything and any number may serve one registry.
+//!
 //! It only translates: hyper's request goes to the core as it is (its body streams), the
 //! core's response comes back as it is. It adds what a process needs: a listener, one log line
 //! per request, a clean stop on SIGINT/SIGTERM, and limits that keep hostile or broken clients
