@@ -270,8 +270,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
-        let kv = StoreSpec::kv(args.kv.as_deref(), &args.data);
-        let blobs = StoreSpec::blobs(args.blobs.as_deref(), &args.data);
+        let kv = StoreSpec::kv(args.kv.as_deref(), &args.data)?;
+        let blobs = StoreSpec::blobs(args.blobs.as_deref(), &args.data)?;
         let s3 = matches!(blobs, StoreSpec::S3(_));
         if args.blob_redirect > 0 && !s3 {
             return Err(format!(
@@ -329,26 +329,33 @@ enum StoreSpec {
 
 impl StoreSpec {
     /// `--kv`: a redis:// (or unix://) URL, else a directory; default `<data>/kv`.
-    fn kv(arg: Option<&str>, data: &std::path::Path) -> StoreSpec {
+    fn kv(arg: Option<&str>, data: &std::path::Path) -> Result<StoreSpec, String> {
         match arg {
-            None => StoreSpec::Dir(data.join("kv")),
+            None => Ok(StoreSpec::Dir(data.join("kv"))),
             Some(a)
                 if ["redis://", "rediss://", "unix://", "redis+unix://"]
                     .iter()
                     .any(|s| a.starts_with(s)) =>
             {
-                StoreSpec::Redis(a.to_owned())
+                Ok(StoreSpec::Redis(a.to_owned()))
             }
-            Some(a) => StoreSpec::Dir(PathBuf::from(a)),
+            Some(a) if a.contains("://") => Err(format!(
+                "--kv {a:?}: the key-value store is a directory or a redis:// URL"
+            )),
+            Some(a) => Ok(StoreSpec::Dir(PathBuf::from(a))),
         }
     }
 
     /// `--blobs`: an s3:// URL, else a directory; default `<data>`.
-    fn blobs(arg: Option<&str>, data: &std::path::Path) -> StoreSpec {
+    fn blobs(arg: Option<&str>, data: &std::path::Path) -> Result<StoreSpec, String> {
         match arg {
-            None => StoreSpec::Dir(data.to_owned()),
-            Some(a) if a.starts_with("s3://") => StoreSpec::S3(a.to_owned()),
-            Some(a) => StoreSpec::Dir(PathBuf::from(a)),
+            None => Ok(StoreSpec::Dir(data.to_owned())),
+            Some(a) if a.starts_with("s3://") => Ok(StoreSpec::S3(a.to_owned())),
+            Some(a) if a.contains("://") => Err(format!(
+                "--blobs {:?}: the blob store is a directory or an s3:// URL",
+                dockside::hosts::redis::redact(a)
+            )),
+            Some(a) => Ok(StoreSpec::Dir(PathBuf::from(a))),
         }
     }
 
@@ -395,6 +402,9 @@ async fn open_kv(spec: &StoreSpec, prefix: &str, fsync: bool) -> Result<ServerKv
     }
 }
 
+/// How long the start may wait for the S3 store to answer (its requests retry with backoff).
+const S3_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Opens the blob store; a store that cannot be used (unreachable, wrong credentials, no such
 /// bucket) is an error, before listening.
 async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String> {
@@ -415,10 +425,24 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
             let config = S3Config::from_url(url, |k| std::env::var(k).ok())
                 .map_err(|e| format!("cannot use the blob store: {e}"))?;
             let blobs = S3Blobs::new(&config, HyperClient::new()?)?;
-            blobs.check().await.map_err(|e| {
+            let checked = tokio::time::timeout(S3_CHECK_TIMEOUT, blobs.check())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(dockside::StoreError::unavailable(format!(
+                        "no answer within {} s",
+                        S3_CHECK_TIMEOUT.as_secs()
+                    )))
+                });
+            checked.map_err(|e| {
+                // An answer names its status; no answer is a transport failure.
+                let unreachable = e.kind == dockside::StoreErrorKind::Unavailable
+                    && !e.message.starts_with("S3 ");
                 format!(
-                    "cannot use S3 bucket {:?} at {}: {}",
-                    config.bucket, config.endpoint, e.message
+                    "cannot use S3 bucket {:?} at {}: {}{}",
+                    config.bucket,
+                    config.endpoint,
+                    if unreachable { "cannot reach it: " } else { "" },
+                    e.message
                 )
             })?;
             Ok(ServerBlobs::from(blobs))

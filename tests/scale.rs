@@ -508,6 +508,31 @@ fn unusable_stores_stop_the_start() {
         "an unreachable Redis:\n{stderr}"
     );
 
+    // An S3 endpoint where nothing listens (tried a few times, with backoff).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (stderr, _) = refused(
+        &[
+            "--blobs",
+            &format!("s3://b?endpoint=http://127.0.0.1:{port}"),
+        ],
+        &[
+            ("DOCKSIDE_S3_ACCESS_KEY", &g.access_key),
+            ("DOCKSIDE_S3_SECRET_KEY", &g.secret_key),
+        ],
+    );
+    assert!(
+        stderr.contains("cannot reach it") && stderr.contains(&format!("127.0.0.1:{port}")),
+        "an unreachable S3 endpoint:\n{stderr}"
+    );
+
+    // A store of the wrong kind.
+    let (stderr, _) = refused(&["--kv", &url], &[]);
+    assert!(stderr.contains("directory or a redis:// URL"), "{stderr}");
+
     // --blob-redirect without S3.
     let (stderr, _) = refused(&["--blob-redirect", "60"], &[]);
     assert!(
