@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use dockside::adapters::server::{self, Limits, ServedRegistry};
-use dockside::{AuthConfig, Config, FsBlobs};
+use dockside::adapters::hyper_client::HyperClient;
+use dockside::adapters::server::{self, Limits, ServedRegistry, ServerBlobs, ServerKv};
+use dockside::{AuthConfig, Config, FsBlobs, FsKv, RedisKv, S3Blobs, S3Config};
 
 /// dockside: an OCI Distribution registry (docker, podman, skopeo, crane, oras, containerd push
 /// to it and pull from it).
@@ -25,8 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the registry over HTTP, storing in a local directory.
-    Serve(ServeArgs),
+    /// Serve the registry over HTTP, storing in a local directory, or in Valkey/Redis (keys)
+    /// and S3 (blobs) shared by several instances.
+    Serve(Box<ServeArgs>),
     /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
     /// standard input (one line).
     HashPassword(HashArgs),
@@ -45,9 +47,38 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
 
-    /// Directory to store everything in (created if missing).
+    /// Directory to store everything in (created if missing), unless --kv and --blobs say
+    /// otherwise.
     #[arg(long, env = "DOCKSIDE_DATA", default_value = "./dockside-data")]
     data: PathBuf,
+
+    /// Key-value store (tags, links, manifests, upload sessions): a directory, or a Valkey/Redis
+    /// server, `redis://[user:password@]host[:port][/db]`, which several instances may share.
+    /// Default: <DATA>/kv.
+    #[arg(long, env = "DOCKSIDE_KV", value_name = "DIR|redis://...")]
+    kv: Option<String>,
+
+    /// Namespace of every key in Valkey/Redis, so that several registries can share a server.
+    #[arg(long, env = "DOCKSIDE_KV_PREFIX", default_value = dockside::hosts::redis::DEFAULT_PREFIX)]
+    kv_prefix: String,
+
+    /// Blob store: a directory, or an S3 bucket,
+    /// `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&style=path|virtual][&part_size=BYTES]`,
+    /// which several instances may share. Credentials from DOCKSIDE_S3_ACCESS_KEY and
+    /// DOCKSIDE_S3_SECRET_KEY, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    /// Default: <DATA>.
+    #[arg(long, env = "DOCKSIDE_BLOBS", value_name = "DIR|s3://...")]
+    blobs: Option<String>,
+
+    /// Answer blob GETs with 307 to a presigned URL of the S3 store, valid this many seconds,
+    /// so that the bytes do not pass through dockside (S3 blobs only). 0: off.
+    #[arg(
+        long,
+        env = "DOCKSIDE_BLOB_REDIRECT",
+        default_value_t = 0,
+        value_name = "SECS"
+    )]
+    blob_redirect: u64,
 
     /// Refuse every DELETE (manifests, tags, blobs) with 405.
     #[arg(long, env = "DOCKSIDE_NO_DELETE")]
@@ -70,7 +101,9 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_MAX_CHUNK_BYTES")]
     max_chunk_bytes: Option<u64>,
 
-    /// Chunk size to advertise as OCI-Chunk-Min-Length when an upload starts.
+    /// Chunk size to advertise as OCI-Chunk-Min-Length when an upload starts. Default: none,
+    /// or 5 MiB with S3 blobs (S3's smallest multipart part: smaller chunks are copied again
+    /// when the upload closes).
     #[arg(long, env = "DOCKSIDE_CHUNK_MIN_LENGTH")]
     chunk_min_length: Option<u64>,
 
@@ -141,7 +174,7 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::HashPassword(args) => hash_password(args),
     };
     match result {
@@ -232,46 +265,190 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         auth: auth.map(Arc::new),
         ..Config::default()
     };
-    let data = &args.data;
-    let open = || -> std::io::Result<ServedRegistry> {
-        let kv = dockside::FsKv::new(data.join("kv"))?.fsync(!args.no_fsync);
-        kv.check_case_sensitive()?;
-        server::registry(
-            kv,
-            FsBlobs::new(data)?.fsync(!args.no_fsync),
-            config,
-            &limits,
-        )
-    };
-    let registry =
-        open().map_err(|e| format!("cannot use data directory {}: {e}", data.display()))?;
-    // What a crash or kill left mid-write: never visible as blobs, removed here.
-    match FsBlobs::new(data).and_then(|b| b.clean_temporary(Duration::from_secs(600))) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!("removed {n} stale temporary files"),
-        Err(e) => tracing::warn!("could not sweep temporary files: {e}"),
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
+        let kv = StoreSpec::kv(args.kv.as_deref(), &args.data)?;
+        let blobs = StoreSpec::blobs(args.blobs.as_deref(), &args.data)?;
+        let s3 = matches!(blobs, StoreSpec::S3(_));
+        if args.blob_redirect > 0 && !s3 {
+            return Err(format!(
+                "--blob-redirect needs an S3 blob store (--blobs s3://...): {} cannot make \
+                 presigned URLs",
+                blobs.describe()
+            ));
+        }
+        let config = Config {
+            chunk_min_length: args
+                .chunk_min_length
+                .or(s3.then_some(dockside::hosts::s3::MIN_PART_SIZE as u64)),
+            blob_redirect: secs(args.blob_redirect),
+            ..config
+        };
+        let fsync = !args.no_fsync;
+        let kv_store = open_kv(&kv, &args.kv_prefix, fsync).await?;
+        let blob_store = open_blobs(&blobs, fsync).await?;
+        let registry = server::registry(kv_store, blob_store, config, &limits)
+            .map_err(|e| format!("cannot start the password checkers: {e}"))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(
-            "dockside listening on http://{addr}, storing in {}",
-            data.display()
-        );
+        let redirect = match args.blob_redirect {
+            0 => String::new(),
+            n => format!(", blob GETs redirected to URLs valid {n} s"),
+        };
+        let stores = if kv.is_dir_of(&blobs) {
+            format!("storing in {}", blobs.describe())
+        } else {
+            format!(
+                "keys in {}, blobs in {}",
+                kv.describe_kv(&args.kv_prefix),
+                blobs.describe()
+            )
+        };
+        tracing::info!("dockside listening on http://{addr}, {stores}{redirect}");
         let registry = Arc::new(registry);
         if args.upload_expiry_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
-        server::serve_dir(listener, registry, limits, server::shutdown_signal())
+        server::serve_registry(listener, registry, limits, server::shutdown_signal())
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// Where a store lives, as the command line says.
+enum StoreSpec {
+    Dir(PathBuf),
+    Redis(String),
+    S3(String),
+}
+
+impl StoreSpec {
+    /// `--kv`: a redis:// (or unix://) URL, else a directory; default `<data>/kv`.
+    fn kv(arg: Option<&str>, data: &std::path::Path) -> Result<StoreSpec, String> {
+        match arg {
+            None => Ok(StoreSpec::Dir(data.join("kv"))),
+            Some(a)
+                if ["redis://", "rediss://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|s| a.starts_with(s)) =>
+            {
+                Ok(StoreSpec::Redis(a.to_owned()))
+            }
+            Some(a) if a.contains("://") => Err(format!(
+                "--kv {a:?}: the key-value store is a directory or a redis:// URL"
+            )),
+            Some(a) => Ok(StoreSpec::Dir(PathBuf::from(a))),
+        }
+    }
+
+    /// `--blobs`: an s3:// URL, else a directory; default `<data>`.
+    fn blobs(arg: Option<&str>, data: &std::path::Path) -> Result<StoreSpec, String> {
+        match arg {
+            None => Ok(StoreSpec::Dir(data.to_owned())),
+            Some(a) if a.starts_with("s3://") => Ok(StoreSpec::S3(a.to_owned())),
+            Some(a) if a.contains("://") => Err(format!(
+                "--blobs {:?}: the blob store is a directory or an s3:// URL",
+                dockside::hosts::redis::redact(a)
+            )),
+            Some(a) => Ok(StoreSpec::Dir(PathBuf::from(a))),
+        }
+    }
+
+    /// For the log: never a password (Redis URLs may carry one; S3 URLs carry none).
+    fn describe(&self) -> String {
+        match self {
+            StoreSpec::Dir(d) => d.display().to_string(),
+            StoreSpec::Redis(url) => dockside::hosts::redis::redact(url),
+            StoreSpec::S3(url) => url.clone(),
+        }
+    }
+
+    fn describe_kv(&self, prefix: &str) -> String {
+        match self {
+            StoreSpec::Redis(_) => format!("{} (prefix {prefix:?})", self.describe()),
+            _ => self.describe(),
+        }
+    }
+
+    /// The default layout: keys in `<data>/kv`, blobs in `<data>`.
+    fn is_dir_of(&self, blobs: &StoreSpec) -> bool {
+        matches!((self, blobs), (StoreSpec::Dir(k), StoreSpec::Dir(b)) if *k == b.join("kv"))
+    }
+}
+
+/// Opens the key-value store; a store that cannot be used is an error, before listening.
+async fn open_kv(spec: &StoreSpec, prefix: &str, fsync: bool) -> Result<ServerKv, String> {
+    match spec {
+        StoreSpec::Dir(dir) => {
+            let open = || -> std::io::Result<FsKv> {
+                let kv = FsKv::new(dir)?.fsync(fsync);
+                kv.check_case_sensitive()?;
+                Ok(kv)
+            };
+            open()
+                .map(ServerKv::from)
+                .map_err(|e| format!("cannot use key-value directory {}: {e}", dir.display()))
+        }
+        StoreSpec::Redis(url) => RedisKv::connect(url, prefix)
+            .await
+            .map(ServerKv::from)
+            .map_err(|e| format!("cannot use the key-value store: {e}")),
+        StoreSpec::S3(_) => unreachable!("--kv never names an S3 store"),
+    }
+}
+
+/// How long the start may wait for the S3 store to answer (its requests retry with backoff).
+const S3_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Opens the blob store; a store that cannot be used (unreachable, wrong credentials, no such
+/// bucket) is an error, before listening.
+async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String> {
+    match spec {
+        StoreSpec::Dir(dir) => {
+            let blobs = FsBlobs::new(dir)
+                .map_err(|e| format!("cannot use blob directory {}: {e}", dir.display()))?
+                .fsync(fsync);
+            // What a crash or kill left mid-write: never visible as blobs, removed here.
+            match blobs.clean_temporary(Duration::from_secs(600)) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} stale temporary files"),
+                Err(e) => tracing::warn!("could not sweep temporary files: {e}"),
+            }
+            Ok(ServerBlobs::from(blobs))
+        }
+        StoreSpec::S3(url) => {
+            let config = S3Config::from_url(url, |k| std::env::var(k).ok())
+                .map_err(|e| format!("cannot use the blob store: {e}"))?;
+            let blobs = S3Blobs::new(&config, HyperClient::new()?)?;
+            let checked = tokio::time::timeout(S3_CHECK_TIMEOUT, blobs.check())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(dockside::StoreError::unavailable(format!(
+                        "no answer within {} s",
+                        S3_CHECK_TIMEOUT.as_secs()
+                    )))
+                });
+            checked.map_err(|e| {
+                // An answer names its status; no answer is a transport failure.
+                let unreachable = e.kind == dockside::StoreErrorKind::Unavailable
+                    && !e.message.starts_with("S3 ");
+                format!(
+                    "cannot use S3 bucket {:?} at {}: {}{}",
+                    config.bucket,
+                    config.endpoint,
+                    if unreachable { "cannot reach it: " } else { "" },
+                    e.message
+                )
+            })?;
+            Ok(ServerBlobs::from(blobs))
+        }
+        StoreSpec::Redis(_) => unreachable!("--blobs never names a Redis store"),
+    }
 }
 
 /// Purges stale upload sessions now and then: every quarter of the expiry, at most hourly.

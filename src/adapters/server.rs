@@ -1,5 +1,9 @@
 //! The native adapter: a hyper/tokio HTTP/1.1 server around [`Registry::handle`].
 //!
+//! Its stores are chosen at start ([`ServerKv`]: a directory or Valkey/Redis; [`ServerBlobs`]: a
+//! directory or an S3 bucket), behind enums so that [`ServedRegistry`] is one concrete type.
+//! With both remote, instances share everything and any number may serve one registry.
+//!
 //! It only translates: hyper's request goes to the core as it is (its body streams), the
 //! core's response comes back as it is. It adds what a process needs: a listener, one log line
 //! per request, a clean stop on SIGINT/SIGTERM, and limits that keep hostile or broken clients
@@ -36,18 +40,200 @@ use tokio::sync::Semaphore;
 
 use bytes::{Buf, Bytes};
 
+use crate::adapters::hyper_client::{HyperClient, ResponseBody};
 use crate::adapters::pooled::Pooled;
 use crate::auth::{Busy, PasswordCheck, PasswordChecks};
 use crate::body::Body;
 use crate::error::StoreError;
-use crate::{Config, FsBlobs, FsKv, Registry};
+use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
+use crate::hosts::fs::FileReader;
+use crate::hosts::s3::S3Reader;
+use crate::{Config, FsBlobs, FsKv, RedisKv, Registry, S3Blobs};
 
 /// How long a stop waits for requests in flight before giving up on them. Whatever they were
 /// writing stays a temporary file, never a blob, and is swept at the next start.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// The registry the native server runs: the directory host, its blocking calls on the pool.
-pub type ServedRegistry = Registry<Pooled<FsKv>, Pooled<FsBlobs>>;
+/// The registry the native server runs, on whichever stores it was given: one concrete type
+/// whatever they are (the directory host's blocking calls always on the pool).
+pub type ServedRegistry = Registry<ServerKv, ServerBlobs>;
+
+/// The server's key-value store: a directory (on the blocking pool) or Valkey/Redis, shared by
+/// every instance pointed at it.
+#[derive(Clone)]
+pub enum ServerKv {
+    Dir(Pooled<FsKv>),
+    Redis(RedisKv),
+}
+
+/// The server's blob store: a directory (on the blocking pool) or an S3 bucket, shared by every
+/// instance pointed at it.
+#[derive(Clone)]
+pub enum ServerBlobs {
+    Dir(Pooled<FsBlobs>),
+    /// Boxed: the bucket's settings and credentials are large beside a directory path.
+    S3(Box<S3Blobs<HyperClient>>),
+}
+
+impl From<FsKv> for ServerKv {
+    fn from(kv: FsKv) -> Self {
+        ServerKv::Dir(Pooled(kv))
+    }
+}
+
+impl From<RedisKv> for ServerKv {
+    fn from(kv: RedisKv) -> Self {
+        ServerKv::Redis(kv)
+    }
+}
+
+impl From<FsBlobs> for ServerBlobs {
+    fn from(blobs: FsBlobs) -> Self {
+        ServerBlobs::Dir(Pooled(blobs))
+    }
+}
+
+impl From<S3Blobs<HyperClient>> for ServerBlobs {
+    fn from(blobs: S3Blobs<HyperClient>) -> Self {
+        ServerBlobs::S3(Box::new(blobs))
+    }
+}
+
+impl KeyValue for ServerKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            ServerKv::Dir(kv) => kv.get(key).await,
+            ServerKv::Redis(kv) => kv.get(key).await,
+        }
+    }
+
+    async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        match self {
+            ServerKv::Dir(kv) => kv.set(key, value).await,
+            ServerKv::Redis(kv) => kv.set(key, value).await,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            ServerKv::Dir(kv) => kv.delete(key).await,
+            ServerKv::Redis(kv) => kv.delete(key).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        match self {
+            ServerKv::Dir(kv) => kv.list(prefix, after, limit).await,
+            ServerKv::Redis(kv) => kv.list(prefix, after, limit).await,
+        }
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        match self {
+            ServerKv::Dir(kv) => kv.compare_and_swap(key, expected, new).await,
+            ServerKv::Redis(kv) => kv.compare_and_swap(key, expected, new).await,
+        }
+    }
+}
+
+/// A blob streaming from either blob store.
+pub enum ServerReader {
+    Dir(FileReader),
+    S3(S3Reader<ResponseBody>),
+}
+
+impl http_body::Body for ServerReader {
+    type Data = Bytes;
+    type Error = StoreError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StoreError>>> {
+        match self.get_mut() {
+            ServerReader::Dir(r) => Pin::new(r).poll_frame(cx),
+            ServerReader::S3(r) => Pin::new(r).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ServerReader::Dir(r) => r.is_end_stream(),
+            ServerReader::S3(r) => r.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ServerReader::Dir(r) => r.size_hint(),
+            ServerReader::S3(r) => r.size_hint(),
+        }
+    }
+}
+
+impl BlobStore for ServerBlobs {
+    type Reader = ServerReader;
+
+    async fn write<S: ByteSource>(
+        &self,
+        path: &str,
+        src: &mut S,
+    ) -> Result<u64, WriteError<S::Error>> {
+        match self {
+            ServerBlobs::Dir(b) => b.write(path, src).await,
+            ServerBlobs::S3(b) => b.write(path, src).await,
+        }
+    }
+
+    async fn read(
+        &self,
+        path: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<Option<ServerReader>, StoreError> {
+        Ok(match self {
+            ServerBlobs::Dir(b) => b.read(path, range).await?.map(ServerReader::Dir),
+            ServerBlobs::S3(b) => b.read(path, range).await?.map(ServerReader::S3),
+        })
+    }
+
+    async fn size(&self, path: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            ServerBlobs::Dir(b) => b.size(path).await,
+            ServerBlobs::S3(b) => b.size(path).await,
+        }
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), StoreError> {
+        match self {
+            ServerBlobs::Dir(b) => b.delete(path).await,
+            ServerBlobs::S3(b) => b.delete(path).await,
+        }
+    }
+
+    async fn assemble(&self, parts: &[String], dest: &str) -> Result<(), StoreError> {
+        match self {
+            ServerBlobs::Dir(b) => b.assemble(parts, dest).await,
+            ServerBlobs::S3(b) => b.assemble(parts, dest).await,
+        }
+    }
+
+    fn redirect_url(&self, path: &str, ttl: Duration) -> Option<String> {
+        match self {
+            ServerBlobs::Dir(b) => b.redirect_url(path, ttl),
+            ServerBlobs::S3(b) => b.redirect_url(path, ttl),
+        }
+    }
+}
 
 /// The server's limits (`dockside serve --help` describes each).
 #[derive(Debug, Clone)]
@@ -141,19 +327,19 @@ impl PasswordChecks for PasswordCheckers {
     }
 }
 
-/// The registry to serve: `kv` and `blobs` wrapped so their blocking calls run on the pool,
-/// password checks bounded by `limits`, and refused bodies drained here rather than by the core
-/// (after answering, not before).
+/// The registry to serve: on `kv` and `blobs` (a directory host is wrapped so that its blocking
+/// calls run on the pool), password checks bounded by `limits`, and refused bodies drained here
+/// rather than by the core (after answering, not before).
 pub fn registry(
-    kv: FsKv,
-    blobs: FsBlobs,
+    kv: impl Into<ServerKv>,
+    blobs: impl Into<ServerBlobs>,
     config: Config,
     limits: &Limits,
 ) -> std::io::Result<ServedRegistry> {
     let checks = PasswordCheckers::new(limits.max_password_checks)?;
     Ok(Registry::new(
-        Pooled(kv),
-        Pooled(blobs),
+        kv.into(),
+        blobs.into(),
         Config {
             drain_limit: 0,
             password_checks: Some(Arc::new(checks)),
@@ -162,8 +348,19 @@ pub fn registry(
     ))
 }
 
-/// Serves a local-directory registry on `listener` until `shutdown` completes.
+/// Serves a local-directory registry on `listener` until `shutdown` completes (the same as
+/// [`serve_registry`], under its older name).
 pub async fn serve_dir(
+    listener: TcpListener,
+    registry: Arc<ServedRegistry>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    serve_registry(listener, registry, limits, shutdown).await
+}
+
+/// Serves `registry` (whatever its stores) on `listener` until `shutdown` completes.
+pub async fn serve_registry(
     listener: TcpListener,
     registry: Arc<ServedRegistry>,
     limits: Limits,

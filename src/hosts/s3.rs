@@ -184,7 +184,22 @@ impl<C: HttpClient> S3Blobs<C> {
         let resp = self.send(Method::HEAD, url, &[], OutBody::empty()).await?;
         match resp.status() {
             s if s.is_success() => Ok(()),
-            s => Err(self.failure("HeadBucket", s, resp).await),
+            s => {
+                // A HEAD answer has no body to name the problem: the status must.
+                let hint = match s {
+                    StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+                        " (access denied: wrong access key or secret key, or no access to the bucket)"
+                    }
+                    StatusCode::NOT_FOUND => " (no such bucket)",
+                    StatusCode::MOVED_PERMANENTLY | StatusCode::BAD_REQUEST => {
+                        " (wrong region or endpoint?)"
+                    }
+                    _ => "",
+                };
+                let mut e = self.failure("HeadBucket", s, resp).await;
+                e.message = format!("{}{hint}", e.message.trim_end_matches([' ', ':']));
+                Err(e)
+            }
         }
     }
 

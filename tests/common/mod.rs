@@ -313,6 +313,17 @@ impl Server {
         );
     }
 
+    /// SIGKILL: the process dies at once, in the middle of whatever requests it was serving.
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        self.child.kill().expect("send SIGKILL");
+        let status = self.child.wait().expect("wait for the killed process");
+        self.exit = Some(status);
+        status
+    }
+
     /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.exit.is_some() {
