@@ -3,10 +3,14 @@
 //!
 //! Needs the built component and the wasmtime CLI: `.ci/edge` builds and installs both and runs
 //! `cargo test --features edge --test edge` with `DOCKSIDE_WASI_COMPONENT` and
-//! `DOCKSIDE_WASMTIME` set. Without them the test fails and says so; it never skips.
+//! `DOCKSIDE_WASMTIME` set. Without them the test fails and says so; it never skips. The S3
+//! tests also need Garage (`DOCKSIDE_GARAGE`, installed by `.ci/backends`).
 #![cfg(feature = "edge")]
 
 mod common;
+// Garage, for the component's S3 blob store (installed by .ci/backends; .ci/edge runs after it).
+#[path = "backends/garage.rs"]
+mod garage;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -260,4 +264,275 @@ async fn racing_patches_on_one_session_have_one_winner() {
             .unwrap();
         assert!(got == chunk, "round {round}: the blob does not match");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blobs in S3 (`DOCKSIDE_BLOBS=s3://...`), sent through wasi:http/outgoing-handler to Garage;
+// keys stay in the preopened directory.
+
+const MIB: usize = 1024 * 1024;
+
+/// `wasmtime serve` with its blobs in a fresh prefix of Garage's bucket, plus `extra` settings;
+/// also the S3 configuration, to look into the bucket.
+fn serve_s3(extra: &[(&str, String)]) -> (Wasmtime, dockside::S3Config) {
+    let g = garage::garage();
+    let url = g.url(&garage::unique_prefix());
+    let s3 = dockside::S3Config::from_url(&url, g.env()).unwrap();
+    let mut env = vec![
+        ("DOCKSIDE_BLOBS", url),
+        ("DOCKSIDE_S3_ACCESS_KEY", g.access_key.clone()),
+        ("DOCKSIDE_S3_SECRET_KEY", g.secret_key.clone()),
+    ];
+    env.extend(extra.iter().cloned());
+    (serve_with(&env, |_| {}), s3)
+}
+
+/// Pushes `data` in one POST; returns its digest.
+async fn push_monolithic(http: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap());
+    d
+}
+
+fn absolute(base: &str, loc: &str) -> String {
+    if loc.starts_with('/') {
+        format!("{base}{loc}")
+    } else {
+        loc.to_owned()
+    }
+}
+
+/// Pushes `data` in PATCHes of `chunk` bytes (each a request to a fresh instance); returns its
+/// digest.
+async fn push_chunked(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    data: &[u8],
+    chunk: usize,
+) -> String {
+    let d = sha256(data);
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut loc = absolute(base, r.headers()["location"].to_str().unwrap());
+    for (i, part) in data.chunks(chunk).enumerate() {
+        let at = i * chunk;
+        let r = http
+            .patch(&loc)
+            .header("content-range", format!("{at}-{}", at + part.len() - 1))
+            .header("content-type", "application/octet-stream")
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let next = r.headers().get("location").cloned();
+        assert_eq!(status, 202, "chunk {i}: {}", r.text().await.unwrap());
+        loc = absolute(base, next.unwrap().to_str().unwrap());
+    }
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = http
+        .put(format!("{loc}{sep}digest={d}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap());
+    d
+}
+
+/// A 20 MiB blob in one POST (a multipart upload of 8 MiB parts) and an 20 MiB one in 6 MiB
+/// PATCHes (parts assembled by copy inside the store), both pulled back whole and by ranges
+/// across part boundaries; a manifest over them pushed and pulled; only blobs left in the
+/// bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn blobs_in_s3_through_outgoing_http() {
+    let (w, s3) = serve_s3(&[]);
+    let base = format!("http://{}", w.addr);
+    let http = common::client();
+
+    let big = pseudo_random(20 * MIB, 41);
+    let t = std::time::Instant::now();
+    let d_big = push_monolithic(&http, &base, "s3/app", &big).await;
+    eprintln!("20 MiB in one POST: {:?}", t.elapsed());
+    let chunked = pseudo_random(20 * MIB, 42);
+    let t = std::time::Instant::now();
+    let d_chunked = push_chunked(&http, &base, "s3/app", &chunked, 6 * MIB).await;
+    eprintln!("20 MiB in 6 MiB PATCHes: {:?}", t.elapsed());
+
+    for (d, data) in [(&d_big, &big), (&d_chunked, &chunked)] {
+        let t = std::time::Instant::now();
+        let r = http
+            .get(format!("{base}/v2/s3/app/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], &data.len().to_string());
+        assert_eq!(r.headers()["docker-content-digest"], d.as_str());
+        let got = r.bytes().await.unwrap();
+        eprintln!("20 MiB GET: {:?}", t.elapsed());
+        assert!(got[..] == data[..], "{d} does not come back byte for byte");
+        // A range across the first part boundary (8 MiB) and one at the very end.
+        for (from, to) in [
+            (8 * MIB - 100, 8 * MIB + 99),
+            (data.len() - 10, data.len() - 1),
+        ] {
+            let r = http
+                .get(format!("{base}/v2/s3/app/blobs/{d}"))
+                .header("range", format!("bytes={from}-{to}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 206);
+            assert_eq!(
+                r.headers()["content-range"],
+                &format!("bytes {from}-{to}/{}", data.len())
+            );
+            assert!(r.bytes().await.unwrap()[..] == data[from..=to]);
+        }
+        let r = http
+            .head(format!("{base}/v2/s3/app/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], &data.len().to_string());
+    }
+
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let d_config = push_monolithic(&http, &base, "s3/app", config).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": d_config, "size": config.len()},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d_big, "size": big.len()},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d_chunked, "size": chunked.len()},
+        ],
+    })
+    .to_string();
+    let r = http
+        .put(format!("{base}/v2/s3/app/manifests/v1"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap());
+    let r = http
+        .get(format!("{base}/v2/s3/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        sha256(manifest.as_bytes()).as_str()
+    );
+    assert_eq!(r.text().await.unwrap(), manifest);
+
+    // Blobs only: no upload part, no half-done multipart object left behind.
+    let objects = garage::list_objects(&s3).await;
+    assert_eq!(objects.len(), 3, "{objects:?}");
+    assert!(
+        objects.iter().all(|o| o.starts_with("blobs/")),
+        "{objects:?}"
+    );
+}
+
+/// `DOCKSIDE_BLOB_REDIRECT`: a blob GET answers 307 to a presigned URL of the bucket, which
+/// gives the bytes without the component.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_blob_gets_redirect_from_the_component() {
+    let (w, _s3) = serve_s3(&[("DOCKSIDE_BLOB_REDIRECT", "60".to_owned())]);
+    let base = format!("http://{}", w.addr);
+    let http = common::client();
+    let data = pseudo_random(3 * MIB, 43);
+    let d = push_monolithic(&http, &base, "s3/redir", &data).await;
+    let no_follow = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow
+        .get(format!("{base}/v2/s3/redir/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let url = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    let got = no_follow.get(&url).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap()[..] == data[..]);
+}
+
+/// A bad `DOCKSIDE_BLOBS` answers 500 naming the setting; storage that cannot be reached is a
+/// 503 with `Retry-After` after the S3 host's retries, which back off (100 + 400 + 1600 ms on
+/// the component's monotonic clock).
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_misconfigured_or_unreachable() {
+    let http = common::client();
+    let bad = serve_with(&[("DOCKSIDE_BLOBS", "s3://bucket".to_owned())], |_| {});
+    let r = http
+        .get(format!("http://{}/v2/", bad.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("DOCKSIDE_BLOBS"), "{text}");
+    drop(bad);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // closed again: nothing listens there
+    let g = garage::garage();
+    let w = serve_with(
+        &[
+            (
+                "DOCKSIDE_BLOBS",
+                format!("s3://{}?endpoint=http://127.0.0.1:{port}", g.bucket),
+            ),
+            ("DOCKSIDE_S3_ACCESS_KEY", g.access_key.clone()),
+            ("DOCKSIDE_S3_SECRET_KEY", g.secret_key.clone()),
+        ],
+        |_| {},
+    );
+    let base = format!("http://{}", w.addr);
+    let t = std::time::Instant::now();
+    let r = http
+        .post(format!(
+            "{base}/v2/r/blobs/uploads/?digest={}",
+            sha256(b"x")
+        ))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    let elapsed = t.elapsed();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert!(
+        elapsed >= Duration::from_millis(2100),
+        "the retries did not back off: {elapsed:?}"
+    );
 }

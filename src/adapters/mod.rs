@@ -5,7 +5,8 @@
 //!   host with its blocking calls on tokio's blocking pool, and `hyper_client`, its outbound
 //!   HTTP client (for S3).
 //! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`).
-//! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`).
+//! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
+//!   with `wasi_http_client`, its outbound HTTP client on `wasi:http/outgoing-handler` (for S3).
 
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
@@ -20,3 +21,5 @@ compile_error!("build one component at a time: feature `spin` or feature `wasi-h
 mod spin;
 #[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
 mod wasi_http;
+#[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
+mod wasi_http_client;

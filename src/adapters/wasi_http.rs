@@ -18,14 +18,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body as _, Frame};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use wasi::http::types::{
-    Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    Fields, IncomingBody, IncomingRequest, IncomingResponse, Method, OutgoingBody,
+    OutgoingResponse, ResponseOutparam,
 };
 use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
-use crate::{Config, DirRegistry};
+use super::wasi_http_client::WasiClient;
+use crate::error::StoreError;
+use crate::{Config, DirRegistry, FsKv, Registry, S3Blobs, S3Config};
 
 struct Component;
 
@@ -33,22 +36,34 @@ wasi::http::proxy::export!(Component);
 
 impl wasi::exports::http::incoming_handler::Guest for Component {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        let registry = match open() {
+        let store = match open() {
             Ok(r) => r,
-            Err(msg) => return respond_plain(out, 500, &msg),
+            Err(msg) => {
+                eprintln!("dockside: {msg}");
+                return respond_plain(out, 500, &msg);
+            }
         };
         let req = match to_http(request) {
             Ok(r) => r,
             Err(msg) => return respond_plain(out, 400, &msg),
         };
         rt::block_on(async move {
-            let resp = registry.handle(req).await;
-            send(resp, out).await;
+            match store {
+                Store::Dir(registry) => send(registry.handle(req).await, out).await,
+                Store::S3(registry) => send(registry.handle(req).await, out).await,
+            }
         });
     }
 }
 
-fn open() -> Result<DirRegistry, String> {
+/// Where blobs go: the preopened directory, or an S3 bucket (`DOCKSIDE_BLOBS`). Keys are
+/// always in the directory.
+enum Store {
+    Dir(DirRegistry),
+    S3(Registry<FsKv, S3Blobs<WasiClient>>),
+}
+
+fn open() -> Result<Store, String> {
     // DOCKSIDE_AUTH_CONFIG_FILE: the access configuration from a file in a preopened directory.
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
     let auth_file = match (
@@ -66,11 +81,23 @@ fn open() -> Result<DirRegistry, String> {
         _ => env(k),
     })?;
     let data = std::env::var("DOCKSIDE_DATA").unwrap_or_else(|_| "/data".to_owned());
-    DirRegistry::open_dir(&data, config).map_err(|e| {
+    let unusable = |e: std::io::Error| {
         format!(
             "cannot use data directory {data}: {e} (preopen it: wasmtime serve --dir HOST::{data})"
         )
-    })
+    };
+    match env("DOCKSIDE_BLOBS") {
+        None => DirRegistry::open_dir(&data, config)
+            .map(Store::Dir)
+            .map_err(unusable),
+        Some(url) => {
+            let s3 = S3Config::from_url(&url, env).map_err(|e| format!("DOCKSIDE_BLOBS: {e}"))?;
+            let blobs =
+                S3Blobs::new(&s3, WasiClient).map_err(|e| format!("DOCKSIDE_BLOBS: {e}"))?;
+            let kv = FsKv::new(std::path::Path::new(&data).join("kv")).map_err(unusable)?;
+            Ok(Store::S3(Registry::new(kv, blobs, config)))
+        }
+    }
 }
 
 /// A response built here, for failures before the core runs (its error envelope is not
@@ -126,15 +153,45 @@ fn to_http(req: IncomingRequest) -> Result<http::Request<WasiBody>, String> {
         .body(WasiBody {
             stream: Some(stream),
             body: Some(body),
+            response: None,
+            remaining: None,
         })
         .map_err(|e| e.to_string())
 }
 
-/// The incoming body as an `http_body::Body`. The stream is a child of the body resource and
-/// must be dropped first.
-struct WasiBody {
+/// An incoming body (of a request to the component, or of a response to one of its own
+/// requests) as an `http_body::Body`. The stream is a child of the body resource, which may be
+/// a child of a response: they are dropped in that order (the fields' order).
+pub(super) struct WasiBody {
     stream: Option<InputStream>,
     body: Option<IncomingBody>,
+    response: Option<IncomingResponse>,
+    /// Bytes still to come, when the sender announced a length: an exact `size_hint`.
+    remaining: Option<u64>,
+}
+
+impl WasiBody {
+    /// The body of `resp`, its length from `Content-Length` when present.
+    pub(super) fn of_response(resp: IncomingResponse, len: Option<u64>) -> Result<Self, String> {
+        let body = resp.consume().map_err(|()| "response body already taken")?;
+        let stream = body
+            .stream()
+            .map_err(|()| "response body stream already taken")?;
+        Ok(WasiBody {
+            stream: Some(stream),
+            body: Some(body),
+            response: Some(resp),
+            remaining: len,
+        })
+    }
+
+    fn end(&mut self) {
+        self.stream = None;
+        if let Some(b) = self.body.take() {
+            drop(IncomingBody::finish(b));
+        }
+        self.response = None;
+    }
 }
 
 /// Bytes asked of the input stream per read.
@@ -142,12 +199,12 @@ const READ_SIZE: u64 = 256 * 1024;
 
 impl http_body::Body for WasiBody {
     type Data = Bytes;
-    type Error = std::io::Error;
+    type Error = StoreError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, StoreError>>> {
         let Some(stream) = self.stream.as_ref() else {
             return Poll::Ready(None);
         };
@@ -156,18 +213,28 @@ impl http_body::Body for WasiBody {
                 rt::register(stream.subscribe(), cx.waker().clone());
                 Poll::Pending
             }
-            Ok(chunk) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk))))),
-            Err(StreamError::Closed) => {
-                self.stream = None;
-                if let Some(b) = self.body.take() {
-                    drop(IncomingBody::finish(b));
+            Ok(chunk) => {
+                if let Some(r) = self.remaining.as_mut() {
+                    *r = r.saturating_sub(chunk.len() as u64);
                 }
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+            }
+            Err(StreamError::Closed) => {
+                self.end();
                 Poll::Ready(None)
             }
             Err(StreamError::LastOperationFailed(e)) => {
+                let msg = match wasi::http::types::http_error_code(&e) {
+                    Some(code) => format!("{code:?}"),
+                    None => e.to_debug_string(),
+                };
                 self.stream = None;
                 self.body = None;
-                Poll::Ready(Some(Err(std::io::Error::other(e.to_debug_string()))))
+                self.response = None;
+                // The connection broke mid-body: trying again may help.
+                Poll::Ready(Some(Err(StoreError::unavailable(format!(
+                    "body cut short: {msg}"
+                )))))
             }
         }
     }
@@ -175,10 +242,18 @@ impl http_body::Body for WasiBody {
     fn is_end_stream(&self) -> bool {
         self.stream.is_none()
     }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.stream, self.remaining) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Some(n)) => SizeHint::with_exact(n),
+            (Some(_), None) => SizeHint::default(),
+        }
+    }
 }
 
 /// Headers a wasi:http host refuses in a response (they are the host's business).
-const FORBIDDEN: &[&str] = &[
+pub(super) const FORBIDDEN: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -239,7 +314,7 @@ where
 }
 
 /// Writes `data` within the stream's write budget, waiting when it is spent.
-async fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
+pub(super) async fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamError> {
     while !data.is_empty() {
         let budget = stream.check_write()?;
         if budget == 0 {
@@ -253,7 +328,7 @@ async fn write_all(stream: &OutputStream, mut data: &[u8]) -> Result<(), StreamE
     Ok(())
 }
 
-async fn flush(stream: &OutputStream) -> Result<(), StreamError> {
+pub(super) async fn flush(stream: &OutputStream) -> Result<(), StreamError> {
     stream.flush()?;
     rt::wait(|| stream.subscribe()).await;
     stream.check_write().map(|_| ())
@@ -261,7 +336,7 @@ async fn flush(stream: &OutputStream) -> Result<(), StreamError> {
 
 /// A minimal single-threaded executor over `wasi:io/poll`: futures waiting on the host register
 /// a pollable and their waker; `block_on` sleeps in `poll` until one is ready.
-mod rt {
+pub(super) mod rt {
     use std::cell::RefCell;
     use std::future::Future;
     use std::pin::pin;
