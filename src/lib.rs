@@ -2,7 +2,8 @@
 //!
 //! An OCI Distribution registry (distribution-spec v1.1.1 and the newer text on main) as a
 //! sans-IO core: [`Registry::handle`] maps an [`http::Request`] to an [`http::Response`] whose
-//! body streams, against two host interfaces, a [`KeyValue`] store and a [`BlobStore`]. The core
+//! body streams, against host interfaces: a [`KeyValue`] store and a [`BlobStore`] (and an
+//! [`HttpClient`] for stores that are HTTP services, such as [`S3Blobs`]). The core
 //! owns no I/O, no clock-driven tasks and no runtime: the adapter that calls it owns the sockets
 //! (the native server in this crate, a Spin or `wasi:http` component elsewhere), and the hosts
 //! own storage. Nothing is kept in memory between requests.
