@@ -21,6 +21,12 @@
 //! │                                                            repository that links it
 //! └── uploads/<uuid>/<offset>-<nonce>                         parts of an upload in progress
 //!
+//! listing indexes (crate::hosts::indexed, for key-value stores that cannot list by prefix)
+//! ├── listing-index/<listing prefix>                          sorted JSON array of the keys below
+//! │                                                            <listing prefix> (suffixes): tags,
+//! │                                                            catalog, referrers of a subject
+//! └── listing-indexed                                         "1": every index has been built
+//!
 //! blob store on a key-value store (crate::hosts::kvblobs, for hosts without a blob store)
 //! ├── kvblob/obj/<blob path>                                   {"size","chunk","segments":[..]}
 //! └── kvblob/chunk/<nonce>/<index:08>                          one chunk of a segment
@@ -133,4 +139,74 @@ pub fn kvblob_object(path: &str) -> String {
 /// Chunk `index` of segment `id` of the key-value blob store.
 pub fn kvblob_chunk(id: &str, index: u64) -> String {
     format!("kvblob/chunk/{id}/{index:08}")
+}
+
+/// The listing a key belongs to, for hosts that keep listing indexes: the prefix the core lists
+/// it under (a repository's tags, the catalog, the referrers of one subject), or `None` for
+/// keys that are never listed by prefix (records, links, upload sessions; the upload index is
+/// left to the host's own listing).
+pub fn listing_of(key: &str) -> Option<&str> {
+    if key.starts_with("catalog/") {
+        return Some("catalog/");
+    }
+    let rest = key.strip_prefix("repositories/")?;
+    // Repository names have no component starting with `_`, so the first `/_` ends the name.
+    let at = rest.find("/_")?;
+    let after = &rest[at + 1..];
+    let len = "repositories/".len() + at + 1;
+    if let Some(tag) = after.strip_prefix("_manifests/tags/") {
+        return (!tag.is_empty() && !tag.contains('/'))
+            .then(|| &key[..len + "_manifests/tags/".len()]);
+    }
+    if let Some(r) = after.strip_prefix("_referrers/") {
+        // <alg>/<hex>/<ref-alg>/<ref-hex>: the listing is of one subject.
+        let mut parts = r.splitn(3, '/');
+        let (alg, hex, rest) = (parts.next()?, parts.next()?, parts.next()?);
+        return (!rest.is_empty())
+            .then(|| &key[..len + "_referrers/".len() + alg.len() + hex.len() + 2]);
+    }
+    None
+}
+
+/// Set once every listing index of the store has been built (see `hosts::indexed`).
+pub fn listing_index_marker() -> &'static str {
+    "listing-indexed"
+}
+
+/// The key holding the listing index of `prefix` (see [`listing_of`]).
+pub fn listing_index(prefix: &str) -> String {
+    format!("listing-index/{prefix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings() {
+        let name = RepoName::parse("team/app", 255).unwrap();
+        let tag = Tag::parse("v1").unwrap();
+        let d = Digest::of(crate::digest::Algorithm::Sha256, b"s");
+        let r = Digest::of(crate::digest::Algorithm::Sha256, b"r");
+        assert_eq!(listing_of(&catalog(&name)), Some(catalog_prefix()));
+        assert_eq!(
+            listing_of(&self::tag(&name, &tag)),
+            Some(tags_prefix(&name).as_str())
+        );
+        assert_eq!(
+            listing_of(&referrer(&name, &d, &r)),
+            Some(referrers_prefix(&name, &d).as_str())
+        );
+        for unlisted in [
+            manifest(&name, &d),
+            blob_link(&name, &d),
+            upload_index(
+                5,
+                &UploadId::parse("01234567-89ab-cdef-0123-456789abcdef").unwrap(),
+            ),
+            "kvblob/chunk/x/00000000".to_owned(),
+        ] {
+            assert_eq!(listing_of(&unlisted), None, "{unlisted}");
+        }
+    }
 }

@@ -1,9 +1,11 @@
 //! Every endpoint through `Registry::handle`, success and failure paths, on every host (memory,
-//! local directory, blobs chunked into a key-value store, and, with feature `redis`, keys in a
-//! Valkey/Redis server started for the test process). The harness builds a new `Registry` for every request over the same
+//! local directory, blobs chunked into a key-value store, the same with listing indexes, and,
+//! with feature `backends`, keys in Valkey/Redis and blobs in S3, servers started for the test
+//! process). The harness builds a new `Registry` for every request over the same
 //! stores, so every test here also proves that no state survives in the registry value.
 
 use bytes::Bytes;
+use dockside::hosts::indexed::IndexedKv;
 use dockside::{
     BlobStore, Config, DirRegistry, FsBlobs, FsKv, KeyValue, KvBlobs, MemoryBlobs, MemoryKv,
     Registry, StoreError,
@@ -23,6 +25,8 @@ enum Stores {
     /// Blobs chunked into a key-value store (as on Spin), with tiny chunks so that blobs span
     /// many chunks and uploads many segments.
     KvOnly(MemoryKv),
+    /// The same with listing indexes over the keys (as the Spin component runs).
+    KvIndexed(MemoryKv),
     /// Blobs in a real S3 server (Garage) under a prefix of their own.
     #[cfg(feature = "backends")]
     S3(
@@ -119,6 +123,13 @@ impl H {
         }
     }
 
+    fn kv_indexed() -> Self {
+        H {
+            stores: Stores::KvIndexed(MemoryKv::new()),
+            config: Config::default(),
+        }
+    }
+
     /// Blobs in Garage (one per test process), under a prefix of this test's own.
     #[cfg(feature = "backends")]
     fn s3() -> Self {
@@ -165,6 +176,11 @@ impl H {
             Stores::KvOnly(kv) => {
                 let blobs = KvBlobs::with_chunk_size(kv.clone(), KV_CHUNK);
                 let r = Registry::new(kv.clone(), blobs, self.config.clone());
+                collect(r.handle(req).await).await
+            }
+            Stores::KvIndexed(kv) => {
+                let blobs = KvBlobs::with_chunk_size(kv.clone(), KV_CHUNK);
+                let r = Registry::new(IndexedKv(kv.clone()), blobs, self.config.clone());
                 collect(r.handle(req).await).await
             }
             #[cfg(feature = "backends")]
@@ -246,7 +262,7 @@ impl H {
                 out.sort();
                 out
             }
-            Stores::KvOnly(kv) => kv
+            Stores::KvOnly(kv) | Stores::KvIndexed(kv) => kv
                 .keys()
                 .into_iter()
                 .filter_map(|k| k.strip_prefix("kvblob/obj/").map(str::to_owned))
@@ -259,7 +275,7 @@ impl H {
     /// Chunk values in the key-value store (the `KvOnly` host), to check none are leaked.
     fn chunk_count(&self) -> usize {
         match &self.stores {
-            Stores::KvOnly(kv) => kv
+            Stores::KvOnly(kv) | Stores::KvIndexed(kv) => kv
                 .keys()
                 .iter()
                 .filter(|k| k.starts_with("kvblob/chunk/"))
@@ -382,6 +398,10 @@ macro_rules! on_every_host {
             #[tokio::test]
             async fn kv_only() {
                 super::$name(super::H::kv_only()).await
+            }
+            #[tokio::test]
+            async fn kv_indexed() {
+                super::$name(super::H::kv_indexed()).await
             }
             #[cfg(feature = "backends")]
             #[tokio::test]
@@ -2063,4 +2083,142 @@ async fn purge_lists_the_index_once() {
     assert_eq!(r.purge_stale_uploads(0).await.unwrap(), N);
     assert_eq!(kv.take().len(), 1);
     assert!(kv.inner.keys().iter().all(|k| !k.contains("upload")));
+}
+
+/// A key-value store that lists as Spin's does: every key of the store, then filtered. It
+/// counts the keys its listings read.
+#[derive(Clone)]
+struct ListsEverything(MemoryKv, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl KeyValue for ListsEverything {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.0.set(key, value).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let all = self.0.keys();
+        self.1
+            .fetch_add(all.len(), std::sync::atomic::Ordering::Relaxed);
+        Ok(dockside::host::page_of(all, prefix, after, limit))
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.0.compare_and_swap(key, expected, new).await
+    }
+}
+
+/// On a store that can only list every key (Spin), a tags page, the catalog and a referrers
+/// list read the listing's index and nothing else, however many chunk keys the store holds;
+/// without indexes each read all 10 000 of them. Data written before the indexes existed is
+/// still listed, and indexed from the first write on.
+#[tokio::test]
+async fn indexed_listings_do_not_read_the_whole_store() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let kv = MemoryKv::new();
+    for i in 0..10_000 {
+        kv.set(&format!("kvblob/chunk/c{}/{i:08}", i / 100), b"chunk")
+            .await
+            .unwrap();
+    }
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = ListsEverything(kv.clone(), read.clone());
+    let send = |indexed: bool, m: Method, uri: String, body: Vec<u8>| {
+        let store = store.clone();
+        async move {
+            let req = Request::builder()
+                .method(m)
+                .uri(uri)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let blobs = KvBlobs::with_chunk_size(store.0.clone(), KV_CHUNK);
+            if indexed {
+                let r = Registry::new(IndexedKv(store), blobs, Config::default());
+                collect(r.handle(req).await).await
+            } else {
+                let r = Registry::new(store, blobs, Config::default());
+                collect(r.handle(req).await).await
+            }
+        }
+    };
+    // Written without indexes (as before them): two tags.
+    let config = b"{}".to_vec();
+    let d = sha256(&config);
+    send(
+        false,
+        Method::POST,
+        format!("/v2/app/blobs/uploads/?digest={d}"),
+        config.clone(),
+    )
+    .await
+    .expect(201);
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [],
+    }))
+    .unwrap();
+    for t in ["a", "b"] {
+        send(
+            false,
+            Method::PUT,
+            format!("/v2/app/manifests/{t}"),
+            m.clone(),
+        )
+        .await
+        .expect(201);
+    }
+    read.store(0, Relaxed);
+    let r = send(false, Method::GET, "/v2/app/tags/list".into(), vec![]).await;
+    assert_eq!(r.json()["tags"], json!(["a", "b"]));
+    assert!(read.load(Relaxed) > 10_000, "{}", read.load(Relaxed));
+    // Without an index yet, the indexed store lists through the store.
+    let r = send(true, Method::GET, "/v2/app/tags/list".into(), vec![]).await;
+    assert_eq!(r.json()["tags"], json!(["a", "b"]));
+    // The first indexed write builds the index from what is there.
+    send(true, Method::PUT, "/v2/app/manifests/c".into(), m.clone())
+        .await
+        .expect(201);
+    read.store(0, Relaxed);
+    let r = send(true, Method::GET, "/v2/app/tags/list".into(), vec![]).await;
+    assert_eq!(r.json()["tags"], json!(["a", "b", "c"]));
+    let r = send(
+        true,
+        Method::GET,
+        "/v2/app/tags/list?n=1&last=a".into(),
+        vec![],
+    )
+    .await;
+    assert_eq!(r.json()["tags"], json!(["b"]));
+    assert!(r.header("link").is_some());
+    // Deletes leave the index.
+    send(true, Method::DELETE, "/v2/app/manifests/b".into(), vec![])
+        .await
+        .expect(202);
+    let r = send(true, Method::GET, "/v2/app/tags/list".into(), vec![]).await;
+    assert_eq!(r.json()["tags"], json!(["a", "c"]));
+    let r = send(true, Method::GET, "/v2/_catalog".into(), vec![]).await;
+    assert_eq!(r.json()["repositories"], json!(["app"]));
+    let r = send(
+        true,
+        Method::GET,
+        format!("/v2/app/referrers/{}", sha256(&m)),
+        vec![],
+    )
+    .await;
+    r.expect(200);
+    assert_eq!(read.load(Relaxed), 0, "a listing read the whole store");
 }

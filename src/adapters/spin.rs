@@ -26,6 +26,7 @@ use spin_sdk::key_value::Store;
 
 use crate::error::StoreError;
 use crate::host::{KeyValue, page_of};
+use crate::hosts::indexed::IndexedKv;
 use crate::hosts::kvblobs::KvReader;
 use crate::{Body, Config, KvBlobs, Registry};
 
@@ -58,8 +59,10 @@ async fn respond(req: Request) -> Response {
         Ok(c) => c,
         Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
     };
+    // Keys through listing indexes (Spin lists every key of the store, chunks included);
+    // chunks straight into the store, never listed.
     let registry = Registry::new(
-        store.clone(),
+        IndexedKv(store.clone()),
         KvBlobs::with_chunk_size(store, chunk),
         config,
     );

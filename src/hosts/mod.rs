@@ -5,12 +5,14 @@
 //! - [`mem`]: in memory, for tests and embedding.
 //! - [`fs`]: a local directory (`std::fs` only, so also `wasi:filesystem`): the native
 //!   server's default, and the wasi:http component's storage.
+//! - [`indexed`]: listing indexes over a key-value store that can only list every key (Spin).
 //! - [`kvblobs`]: a blob store on any key-value store, in chunks (Spin, which has no blob store).
 //! - [`s3`]: a blob store on S3-compatible object storage, through the outbound HTTP host
 //!   interface ([`crate::http_client`]).
 //! - `redis`: a key-value store on Valkey/Redis (native only, feature `redis`).
 
 pub mod fs;
+pub mod indexed;
 pub mod kvblobs;
 pub mod mem;
 #[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
