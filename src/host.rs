@@ -112,6 +112,13 @@ pub trait BlobStore {
         dest: &str,
     ) -> impl Future<Output = Result<(), StoreError>>;
 
+    /// The smallest chunk this store wants from chunked uploads, advertised as
+    /// `OCI-Chunk-Min-Length` when the configuration sets none (S3: its 5 MiB minimum part, so
+    /// uploads close by copies inside the store). `None` by default.
+    fn min_chunk_length(&self) -> Option<u64> {
+        None
+    }
+
     /// A URL from which a client may fetch the object at `path` itself for `ttl` (a presigned
     /// URL of object storage), or `None` when the store cannot make one (the default).
     fn redirect_url(&self, path: &str, ttl: std::time::Duration) -> Option<String> {

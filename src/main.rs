@@ -280,10 +280,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 blobs.describe()
             ));
         }
+        // With S3 blobs, OCI-Chunk-Min-Length defaults to its 5 MiB part (the store says so).
         let config = Config {
-            chunk_min_length: args
-                .chunk_min_length
-                .or(s3.then_some(dockside::hosts::s3::MIN_PART_SIZE as u64)),
             blob_redirect: secs(args.blob_redirect),
             ..config
         };

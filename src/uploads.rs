@@ -198,7 +198,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             record,
         };
         let mut headers = self.session_headers(name, &s);
-        if let Some(min) = self.config.chunk_min_length {
+        if let Some(min) = self
+            .config
+            .chunk_min_length
+            .or_else(|| self.blobs.min_chunk_length())
+        {
             headers.push(("oci-chunk-min-length", min.to_string()));
         }
         if let Some(max) = self.config.max_chunk_bytes {

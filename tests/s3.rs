@@ -213,6 +213,23 @@ async fn chunked_uploads_are_assembled_into_one_object() {
     );
 }
 
+/// Uploads advertise S3's smallest part as `OCI-Chunk-Min-Length` unless configured otherwise,
+/// so chunking clients send chunks that close by copies inside the store.
+#[tokio::test]
+async fn uploads_advertise_the_smallest_s3_part() {
+    let mut s = S3::new();
+    let r = s
+        .send(Method::POST, "/v2/min/blobs/uploads/", &[], vec![])
+        .await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.header("oci-chunk-min-length"), Some("5242880"));
+    s.config.chunk_min_length = Some(1024);
+    let r = s
+        .send(Method::POST, "/v2/min/blobs/uploads/", &[], vec![])
+        .await;
+    assert_eq!(r.header("oci-chunk-min-length"), Some("1024"));
+}
+
 /// With `blob_redirect`, a blob GET is a 307 to a presigned URL of the store, which gives the
 /// bytes (and honours Range) without dockside; HEAD and manifests are answered directly.
 #[tokio::test]

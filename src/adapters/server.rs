@@ -233,6 +233,13 @@ impl BlobStore for ServerBlobs {
             ServerBlobs::S3(b) => b.redirect_url(path, ttl),
         }
     }
+
+    fn min_chunk_length(&self) -> Option<u64> {
+        match self {
+            ServerBlobs::Dir(b) => b.min_chunk_length(),
+            ServerBlobs::S3(b) => b.min_chunk_length(),
+        }
+    }
 }
 
 /// The server's limits (`dockside serve --help` describes each).

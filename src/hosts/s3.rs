@@ -716,6 +716,10 @@ impl<C: HttpClient> BlobStore for S3Blobs<C> {
         Ok(())
     }
 
+    fn min_chunk_length(&self) -> Option<u64> {
+        Some(MIN_PART_SIZE as u64)
+    }
+
     fn redirect_url(&self, path: &str, ttl: Duration) -> Option<String> {
         Some(self.presigned_get(path, ttl))
     }
