@@ -8,10 +8,12 @@ use dockside::adapters::hyper_client::HyperClient;
 use dockside::{Config, MemoryKv, Registry, S3Blobs, S3Config};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use sha2::{Digest as _, Sha256};
 
+mod common;
 #[path = "backends/garage.rs"]
 mod garage;
+
+use common::{pseudo_random, sha256_digest as sha256};
 
 const MIB: usize = 1024 * 1024;
 
@@ -122,27 +124,6 @@ impl S3 {
     async fn objects(&self) -> Vec<String> {
         garage::list_objects(&self.s3).await
     }
-}
-
-fn sha256(data: &[u8]) -> String {
-    let h = Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
 }
 
 /// A 20 MiB blob in one request goes up as a multipart upload of 8 MiB parts; it reads back

@@ -33,6 +33,7 @@ use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
+use crate::body::ReadError;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::host::{BlobStore, ByteSource, WriteError};
 use crate::http_client::{HttpClient, OutBody};
@@ -271,10 +272,7 @@ impl<C: HttpClient> S3Blobs<C> {
         status: StatusCode,
         resp: http::Response<C::Body>,
     ) -> StoreError {
-        let body = read_small(resp.into_body(), 16 * 1024)
-            .await
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&body);
+        let text = read_answer(resp.into_body()).await.unwrap_or_default();
         let code = xml_field(&text, "Code").unwrap_or_default();
         let message = xml_field(&text, "Message").unwrap_or_default();
         let msg = format!("S3 {op} answered {status} {code}: {message}");
@@ -346,16 +344,7 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("CopyObject", status, resp).await);
         }
-        // A copy can fail after its 200 has been sent: the error is then in the body.
-        let body = read_small(resp.into_body(), 64 * 1024).await?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(StoreError::unavailable(format!(
-                "S3 CopyObject failed: {}",
-                xml_field(&text, "Code").unwrap_or_default()
-            )));
-        }
-        Ok(())
+        deferred_error("CopyObject", &read_answer(resp.into_body()).await?)
     }
 
     /// `x-amz-copy-source`: `/<bucket>/<key>`, the key URL-encoded.
@@ -383,9 +372,8 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("CreateMultipartUpload", status, resp).await);
         }
-        let body = read_small(resp.into_body(), 64 * 1024).await?;
         let parsed = rusty_s3::actions::CreateMultipartUpload::parse_response(
-            &String::from_utf8_lossy(&body),
+            &read_answer(resp.into_body()).await?,
         )
         .map_err(|e| StoreError::new(format!("S3 CreateMultipartUpload: bad answer: {e}")))?;
         Ok(parsed.upload_id().to_owned())
@@ -452,8 +440,7 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("UploadPartCopy", status, resp).await);
         }
-        let body = read_small(resp.into_body(), 64 * 1024).await?;
-        let text = String::from_utf8_lossy(&body);
+        let text = read_answer(resp.into_body()).await?;
         xml_field(&text, "ETag")
             .map(|e| e.replace("&quot;", "\""))
             .ok_or_else(|| {
@@ -485,16 +472,10 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("CompleteMultipartUpload", status, resp).await);
         }
-        // Like a copy, a completion can fail after its 200.
-        let body = read_small(resp.into_body(), 64 * 1024).await?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(StoreError::unavailable(format!(
-                "S3 CompleteMultipartUpload failed: {}",
-                xml_field(&text, "Code").unwrap_or_default()
-            )));
-        }
-        Ok(())
+        deferred_error(
+            "CompleteMultipartUpload",
+            &read_answer(resp.into_body()).await?,
+        )
     }
 
     /// Best effort: an upload left behind costs storage until the bucket's lifecycle rule for
@@ -733,22 +714,33 @@ fn content_length<B>(resp: &http::Response<B>) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::new("S3 answered without a Content-Length"))
 }
 
-/// Reads a small response body (XML answers), up to `limit` bytes.
-async fn read_small<B>(body: B, limit: usize) -> Result<Vec<u8>, StoreError>
+/// Largest XML answer read from the store.
+const MAX_ANSWER: u64 = 64 * 1024;
+
+/// A small answer of the store (its XML), as text.
+async fn read_answer<B>(body: B) -> Result<String, StoreError>
 where
     B: http_body::Body<Data = Bytes, Error = StoreError> + Unpin,
 {
-    let mut body = body;
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            out.extend_from_slice(&data);
-            if out.len() > limit {
-                return Err(StoreError::new("S3 answer too large"));
-            }
-        }
+    let raw = crate::body::read_to_vec(body, MAX_ANSWER)
+        .await
+        .map_err(|e| match e {
+            ReadError::TooLarge { .. } => StoreError::new("S3 answer too large"),
+            ReadError::Body(e) => StoreError::unavailable(format!("reading an S3 answer: {e}")),
+        })?;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// `CopyObject` and `CompleteMultipartUpload` can fail after their `200` has been sent: the
+/// error is then in the body.
+fn deferred_error(op: &str, answer: &str) -> Result<(), StoreError> {
+    if answer.contains("<Error>") {
+        return Err(StoreError::unavailable(format!(
+            "S3 {op} failed: {}",
+            xml_field(answer, "Code").unwrap_or_default()
+        )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The text of the first `<name>...</name>` in `xml` (S3's answers are flat enough).

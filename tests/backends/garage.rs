@@ -19,9 +19,6 @@ pub struct Garage {
     pub access_key: String,
     pub secret_key: String,
     pub region: String,
-    /// The Garage binary and its configuration file, for the CLI.
-    pub bin: String,
-    pub config: String,
     _guard: Option<Mutex<(Child, ChildStdin)>>,
 }
 
@@ -70,8 +67,6 @@ pub fn garage() -> &'static Garage {
                 access_key: var("ACCESS_KEY"),
                 secret_key: var("SECRET_KEY"),
                 region: var("REGION"),
-                bin: String::new(),
-                config: String::new(),
                 _guard: None,
             }
         }
@@ -150,8 +145,6 @@ kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$2""#
         access_key,
         secret_key,
         region: "garage".into(),
-        bin,
-        config: config.display().to_string(),
         _guard: Some(Mutex::new((child, stdin))),
     }
 }
