@@ -4,7 +4,9 @@
 # on Redis): start to first answer, a blob of MIB MiB (default 256) pushed in one POST and pulled
 # back, and manifest GETs. Prints one line per figure. Needs a release build (cargo build
 # --release), both components, wasmtime (run .ci/edge once first), the Spin CLI and a Redis
-# server (.ci/spin). Usage: bench/edge-vs-native.sh [rounds]   (env: MIB, DOCKSIDE_SPIN)
+# server (.ci/spin). Ends with SHA-256 rates natively and inside Wasm (bench/sha256-rate), the
+# bound of a push through a component. Usage: bench/edge-vs-native.sh [rounds]
+# (env: MIB, DOCKSIDE_SPIN)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -108,6 +110,14 @@ run spin-redis "$base"
 # Larger chunk values: fewer key-value writes (on SQLite, fewer transactions and fsyncs).
 spin_up spin-sqlite-4m --variable chunk_bytes=4194304
 run spin-sqlite-4m "$base"
+
+# What bounds a push through a component: the upload path hashes every byte with SHA-256, and
+# inside Wasm there are no SHA instructions. The same hasher, same machine, same run.
+cargo build -q --release --manifest-path bench/sha256-rate/Cargo.toml
+cargo build -q --release --manifest-path bench/sha256-rate/Cargo.toml --target wasm32-wasip2
+printf '%-12s SHA-256 of %d MiB            %s\n' native "$mib" "$(bench/sha256-rate/target/release/sha256-rate "$mib")"
+printf '%-12s SHA-256 of %d MiB            %s\n' wasm "$mib" \
+  "$("$wt_dir/wasmtime" run bench/sha256-rate/target/wasm32-wasip2/release/sha256-rate.wasm "$mib")"
 
 for f in target/wasm32-wasip2/release/dockside.wasm target/wasi-http/wasm32-wasip2/release/dockside.wasm; do
   printf '%-55s %6d KiB\n' "$f" $(( $(stat -c %s "$f") / 1024 ))

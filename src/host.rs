@@ -21,6 +21,21 @@ pub trait KeyValue {
 
     fn set(&self, key: &str, value: &[u8]) -> impl Future<Output = Result<(), StoreError>>;
 
+    /// Sets every key to its value. Hosts with a batch write override this (Spin's SQLite store
+    /// writes a batch in one transaction, so one fsync instead of one per value); the default
+    /// sets them one by one. Not atomic: after an error some may be set.
+    fn set_many(
+        &self,
+        entries: &[(String, Bytes)],
+    ) -> impl Future<Output = Result<(), StoreError>> {
+        async move {
+            for (k, v) in entries {
+                self.set(k, v).await?;
+            }
+            Ok(())
+        }
+    }
+
     /// Deletes `key`. Deleting an absent key is not an error.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>>;
 

@@ -9,7 +9,7 @@
 //! server is `DOCKSIDE_REDIS_SERVER` if set, else `valkey-server` or `redis-server` on `PATH`.
 //! Without them every test fails and says why; none skips.
 //!
-//! `DOCKSIDE_SPIN_LARGE_MIB` sets the size of the large layer (default 256).
+//! `DOCKSIDE_SPIN_LARGE_MIB` sets the size of the large layer (default 1024: a 1 GiB layer).
 #![cfg(feature = "spin-e2e")]
 
 mod common;
@@ -540,7 +540,7 @@ async fn large_layer(store: Store) {
     let mib: u64 = std::env::var("DOCKSIDE_SPIN_LARGE_MIB")
         .ok()
         .map(|v| v.parse().expect("DOCKSIDE_SPIN_LARGE_MIB is a number"))
-        .unwrap_or(256);
+        .unwrap_or(1024);
     let spin = Spin::start(store, &[]).await;
     let base = spin.base();
     let http = reqwest::Client::builder()

@@ -20,7 +20,7 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
-use spin_sdk::experimental::wasi::keyvalue::{atomics, store as wasi_kv};
+use spin_sdk::experimental::wasi::keyvalue::{atomics, batch, store as wasi_kv};
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::key_value::Store;
 
@@ -174,6 +174,17 @@ impl KeyValue for SpinKv {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.store.delete(key).await.map_err(store_error)
+    }
+
+    /// One `wasi:keyvalue/batch` `set-many`: Spin's SQLite store runs it as one transaction
+    /// (one commit and its fsyncs for a batch of chunks instead of one per chunk), Redis as one
+    /// round of commands.
+    async fn set_many(&self, entries: &[(String, bytes::Bytes)]) -> Result<(), StoreError> {
+        let entries: Vec<(String, Vec<u8>)> = entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_vec()))
+            .collect();
+        batch::set_many(self.bucket()?, &entries).map_err(wasi_kv_error)
     }
 
     /// Spin lists every key of the store, with no prefix filter and no order: each listing

@@ -30,6 +30,10 @@ use crate::layout;
 /// Default chunk size: 1 MiB.
 pub const DEFAULT_CHUNK: usize = 1024 * 1024;
 
+/// How many bytes of full chunks a write gathers before it stores them in one batch
+/// ([`KeyValue::set_many`]): the memory a write holds, at most this plus one chunk.
+pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
 #[derive(Serialize, Deserialize, Clone)]
 struct Segment {
     id: String,
@@ -95,6 +99,10 @@ impl<K: KeyValue + Clone + 'static> BlobStore for KvBlobs<K> {
         let id = nonce()?;
         let chunk = self.chunk_size;
         let mut buf = BytesMut::with_capacity(chunk);
+        // Full chunks wait here until they make a batch of about BATCH_BYTES, written with one
+        // `set_many` (on Spin's SQLite store one transaction: one fsync per batch, not per chunk).
+        let mut batch: Vec<(String, Bytes)> = Vec::new();
+        let mut batched = 0usize;
         let mut index = 0u64;
         let mut size = 0u64;
         let result: Result<(), WriteError<S::Error>> = async {
@@ -105,14 +113,23 @@ impl<K: KeyValue + Clone + 'static> BlobStore for KvBlobs<K> {
                     let take = (chunk - buf.len()).min(data.len());
                     buf.extend_from_slice(&data.split_to(take));
                     if buf.len() == chunk {
-                        self.kv.set(&layout::kvblob_chunk(&id, index), &buf).await?;
+                        let full = std::mem::replace(&mut buf, BytesMut::with_capacity(chunk));
+                        batch.push((layout::kvblob_chunk(&id, index), full.freeze()));
+                        batched += chunk;
                         index += 1;
-                        buf.clear();
+                        if batched >= BATCH_BYTES {
+                            self.kv.set_many(&batch).await?;
+                            batch.clear();
+                            batched = 0;
+                        }
                     }
                 }
             }
             if !buf.is_empty() {
-                self.kv.set(&layout::kvblob_chunk(&id, index), &buf).await?;
+                batch.push((layout::kvblob_chunk(&id, index), buf.split().freeze()));
+            }
+            if !batch.is_empty() {
+                self.kv.set_many(&batch).await?;
             }
             Ok(())
         }
