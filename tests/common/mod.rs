@@ -94,6 +94,7 @@ pub struct ServerBuilder {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     data: Option<PathBuf>,
+    wrapper: Vec<OsString>,
 }
 
 impl ServerBuilder {
@@ -126,6 +127,17 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs the server through `wrapper` (a command that ends by `exec`ing its remaining
+    /// arguments, the server's command line), e.g. `unshare` with a private mount.
+    pub fn wrapper<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Starts the server and waits until it listens. Panics, with the server's output, if it
     /// exits or does not listen within [`STARTUP_TIMEOUT`].
     pub fn start(self) -> Server {
@@ -147,7 +159,14 @@ impl ServerBuilder {
                 (Some(t), d)
             }
         };
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dockside"));
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(env!("CARGO_BIN_EXE_dockside")),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_dockside"));
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
