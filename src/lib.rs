@@ -52,6 +52,8 @@ mod manifests;
 mod names;
 mod registry;
 mod request;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod uploads;
 
 pub use auth::AuthConfig;
