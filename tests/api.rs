@@ -2314,7 +2314,7 @@ async fn upload_admission_races(mut h: H) {
             });
         }
     });
-    let answers = race(&h, 8, Method::POST, "/v2/race/blobs/uploads/");
+    let answers = race(h, 8, Method::POST, "/v2/race/blobs/uploads/");
     let n = answers
         .iter()
         .filter(|r| r.status == StatusCode::ACCEPTED)
@@ -2397,8 +2397,10 @@ async fn abandoned_uploads_stop_counting() {
 async fn purged_uploads_free_their_slots() {
     let kv = MemoryKv::new();
     let blobs = MemoryBlobs::new();
-    let mut config = Config::default();
-    config.max_uploads_per_repository = 1;
+    let config = Config {
+        max_uploads_per_repository: 1,
+        ..Config::default()
+    };
     let registry = Registry::new(kv.clone(), blobs.clone(), config.clone());
     let h = H {
         stores: Stores::Memory(kv, blobs),
