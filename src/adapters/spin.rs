@@ -20,8 +20,8 @@
 //! `upload_expiry_secs`: each is the `DOCKSIDE_*` setting of the same name, lower-cased without
 //! the prefix. Empty means unset.
 //!
-//! The client address (for the failed-login counts) is the `spin-client-addr` header, which
-//! the Spin runtime sets on every request it hands over, in place of any a client sent.
+//! The client address (for the failed-login counts) is the last `spin-client-addr` header: the
+//! Spin runtime adds it to every request it hands over, after any a client sent.
 
 use std::cell::OnceCell;
 use std::rc::Rc;
@@ -45,10 +45,13 @@ async fn handle(req: Request) -> impl IntoResponse {
 }
 
 async fn respond(mut req: Request) -> Response {
-    // Spin's own header: the peer of the connection (`ip:port`), replacing a client's.
+    // Spin's own header: the peer of the connection (`ip:port`). Spin 4.0.2 appends it after
+    // any the client sent (tests/spin.rs sends one), so the last one is Spin's.
     if let Some(addr) = req
         .headers()
-        .get("spin-client-addr")
+        .get_all("spin-client-addr")
+        .iter()
+        .next_back()
         .and_then(|v| v.to_str().ok())
         .and_then(crate::throttle::parse_addr)
     {
