@@ -2073,7 +2073,13 @@ async fn deletes_leave_no_empty_directories() {
 async fn purge_lists_the_index_once() {
     const N: usize = 2500;
     let kv = Counted::new(MemoryKv::new());
-    let r = Registry::new(kv.clone(), MemoryBlobs::new(), Config::default());
+    // More sessions than the default caps allow.
+    let config = Config {
+        max_uploads: 0,
+        max_uploads_per_repository: 0,
+        ..Config::default()
+    };
+    let r = Registry::new(kv.clone(), MemoryBlobs::new(), config);
     for _ in 0..N {
         call(&r, Method::POST, "/v2/p/blobs/uploads/")
             .await
