@@ -1890,33 +1890,36 @@ fn limits(window: u64, user_address: u64, user: u64, address: u64) -> dockside::
 /// (counted from the first failure) has passed, no later.
 #[tokio::test]
 async fn failed_logins_are_throttled_per_user_and_address() {
-    let (_, r) = throttled(limits(2, 3, 5, 4), false);
+    // Counts start at the whole second of their first failure: the lockout lasts between
+    // WINDOW - 1 and WINDOW seconds, time enough for the checks below on a loaded machine.
+    const WINDOW: u64 = 4;
+    let (_, r) = throttled(limits(WINDOW, 3, 5, 4), false);
     let (a, b, c) = (Some("10.0.0.1"), Some("10.0.0.2"), Some("10.0.0.3"));
     let first = std::time::Instant::now();
     for _ in 0..3 {
         login(&r, a, "alice", "guess").await.unauthorized();
     }
-    throttled_for(&login(&r, a, "alice", "guess").await, 2);
+    throttled_for(&login(&r, a, "alice", "guess").await, WINDOW);
     // The right password is refused too, on every way in, while the lockout lasts.
-    throttled_for(&login(&r, a, "alice", "alice-pw").await, 2);
+    throttled_for(&login(&r, a, "alice", "alice-pw").await, WINDOW);
     let tok = "/token?service=test-registry&scope=repository:team-a/app:pull";
     throttled_for(
         &call_from(&r, a, "GET", tok, Cred::Basic("alice", "alice-pw"), &[]).await,
-        2,
+        WINDOW,
     );
     // Alice from elsewhere, and Bob from the attacker's address, are unaffected.
     login(&r, b, "alice", "alice-pw").await.expect(200);
     login(&r, a, "bob", "bob-pw").await.expect(200);
     // A fourth failure from the address (another name) locks the address for every name.
     login(&r, a, "bob", "guess").await.unauthorized();
-    throttled_for(&login(&r, a, "bob", "bob-pw").await, 2);
-    throttled_for(&login(&r, a, "nobody", "x").await, 2);
+    throttled_for(&login(&r, a, "bob", "bob-pw").await, WINDOW);
+    throttled_for(&login(&r, a, "nobody", "x").await, WINDOW);
     login(&r, b, "bob", "bob-pw").await.expect(200);
     // Two more failures for alice from b make five for the name: locked out everywhere.
     for _ in 0..2 {
         login(&r, b, "alice", "guess").await.unauthorized();
     }
-    let wait = throttled_for(&login(&r, c, "alice", "alice-pw").await, 2);
+    let wait = throttled_for(&login(&r, c, "alice", "alice-pw").await, WINDOW);
     login(&r, c, "bob", "bob-pw").await.expect(200);
     // After the window, the right password works from everywhere.
     tokio::time::sleep(std::time::Duration::from_millis(wait * 1000 + 100)).await;
@@ -1924,7 +1927,7 @@ async fn failed_logins_are_throttled_per_user_and_address() {
     login(&r, c, "alice", "alice-pw").await.expect(200);
     login(&r, a, "bob", "bob-pw").await.expect(200);
     assert!(
-        first.elapsed() < std::time::Duration::from_millis(3200),
+        first.elapsed() < std::time::Duration::from_millis(WINDOW * 1000 + 1200),
         "the lockout outlasted the window: {:?}",
         first.elapsed()
     );
