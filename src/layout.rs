@@ -252,6 +252,11 @@ mod tests {
                 &UploadId::parse("01234567-89ab-cdef-0123-456789abcdef").unwrap(),
             ),
             "kvblob/chunk/x/00000000".to_owned(),
+            upload_count(&name),
+            upload_count_total().to_owned(),
+            login_failures_user("ab"),
+            login_failures_address("2001:db8::"),
+            login_failures_user_address(None, "ab"),
         ] {
             assert_eq!(listing_of(&unlisted), None, "{unlisted}");
         }

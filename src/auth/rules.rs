@@ -242,7 +242,8 @@ impl AuthConfig {
     ///   challenge carrying `error="insufficient_scope"` (the client fetches a token for it);
     /// - a known user who may not do this: 403 `DENIED`, no challenge.
     ///
-    /// Nothing here reads storage: the answer is the same whether the repository exists or not.
+    /// Nothing here reads the repositories: the answer is the same whether the repository
+    /// exists or not. Only the failed-login counts of `throttle` are read (and written).
     ///
     /// Basic credentials are checked through `checks` (inline without it): a busy check queue
     /// answers 429 `TOOMANYREQUESTS`, and so does `throttle` after too many failures.
