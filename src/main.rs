@@ -386,7 +386,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         tracing::info!("dockside listening on http://{addr}, {stores}{redirect}");
         let registry = Arc::new(registry);
-        if args.upload_expiry_secs > 0 {
+        if args.upload_expiry_secs > 0 || args.login_window_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
         server::serve_registry(listener, registry, limits, server::shutdown_signal())
@@ -526,15 +526,21 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
     }
 }
 
-/// Purges stale upload sessions now and then: every quarter of the expiry, at most hourly;
-/// with them, failed-login counts whose window has passed.
+/// Purges stale upload sessions now and then (unless `expiry_secs` is 0): every quarter of the
+/// expiry, at most hourly; with them, failed-login counts whose window has passed.
 async fn purge_uploads(registry: Arc<ServedRegistry>, expiry_secs: u64) {
-    let every = Duration::from_secs((expiry_secs / 4).clamp(1, 3600));
+    let every = match expiry_secs {
+        0 => Duration::from_secs(3600),
+        s => Duration::from_secs((s / 4).clamp(1, 3600)),
+    };
     loop {
-        match registry.purge_stale_uploads(expiry_secs).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("cancelled {n} upload sessions older than {expiry_secs} s"),
-            Err(e) => tracing::warn!("purging stale uploads failed: {e}"),
+        // 0 keeps sessions forever: purging "older than 0 s" would cancel every one.
+        if expiry_secs > 0 {
+            match registry.purge_stale_uploads(expiry_secs).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("cancelled {n} upload sessions older than {expiry_secs} s"),
+                Err(e) => tracing::warn!("purging stale uploads failed: {e}"),
+            }
         }
         if let Err(e) = registry.purge_login_failures().await {
             tracing::warn!("purging failed-login counts failed: {e}");
