@@ -5,6 +5,17 @@
 //! ├── catalog/<name>                                          ""   the repository exists
 //! ├── upload-index/<started:012>/<uuid>                       "<name>": an upload session, by age
 //! │                                                            (so stale ones can be purged)
+//! ├── upload-counts/_total                                    open upload sessions, all
+//! │                                                            repositories: {"spans":[[start,
+//! │                                                            count],..],"id"} (crate::admission)
+//! ├── upload-counts/<name>                                    the same, of one repository
+//! ├── login-failures/user/<sha256(user)>                      failed logins of a user name in the
+//! │                                                            current window: {"start","count",
+//! │                                                            "id"} (crate::throttle)
+//! ├── login-failures/address/<address>                        ... from one client address (an IPv6
+//! │                                                            address by its /64)
+//! ├── login-failures/user-address/<address|unknown>/<sha256(user)>
+//! │                                                            ... of a user name from one address
 //! └── repositories/<name>/
 //!     ├── _layers/<alg>/<hex>                                 {"size":N}  blob linked into <name>
 //!     ├── _manifests/revisions/<alg>/<hex>                    manifest record: a JSON header line
@@ -109,6 +120,42 @@ pub fn upload(name: &RepoName, id: &UploadId) -> String {
     format!("{}/_uploads/{id}", repo(name))
 }
 
+/// The count of open upload sessions in every repository. Repository names have no component
+/// starting with `_`, so no repository's count is this key.
+pub fn upload_count_total() -> &'static str {
+    "upload-counts/_total"
+}
+
+/// The count of open upload sessions of repository `name`.
+pub fn upload_count(name: &RepoName) -> String {
+    format!("upload-counts/{name}")
+}
+
+/// Every record of the failed-login throttle lives under this prefix (for the purge).
+pub fn login_failures_prefix() -> &'static str {
+    "login-failures/"
+}
+
+/// Failed logins of one user name (`user_hash`: the hex SHA-256 of the name, so that any name
+/// makes a short, safe key segment).
+pub fn login_failures_user(user_hash: &str) -> String {
+    format!("login-failures/user/{user_hash}")
+}
+
+/// Failed logins from one client address (as [`crate::throttle`] writes it: an IP address, an
+/// IPv6 one reduced to its /64).
+pub fn login_failures_address(address: &str) -> String {
+    format!("login-failures/address/{address}")
+}
+
+/// Failed logins of one user name from one client address, or from unknown addresses.
+pub fn login_failures_user_address(address: Option<&str>, user_hash: &str) -> String {
+    format!(
+        "login-failures/user-address/{}/{user_hash}",
+        address.unwrap_or("unknown")
+    )
+}
+
 /// Where a blob's content lives in the blob store.
 pub fn blob_data(digest: &Digest) -> String {
     format!(
@@ -205,6 +252,11 @@ mod tests {
                 &UploadId::parse("01234567-89ab-cdef-0123-456789abcdef").unwrap(),
             ),
             "kvblob/chunk/x/00000000".to_owned(),
+            upload_count(&name),
+            upload_count_total().to_owned(),
+            login_failures_user("ab"),
+            login_failures_address("2001:db8::"),
+            login_failures_user_address(None, "ab"),
         ] {
             assert_eq!(listing_of(&unlisted), None, "{unlisted}");
         }

@@ -38,9 +38,11 @@
 //! repository shows the layers.
 
 pub mod adapters;
+mod admission;
 pub mod auth;
 mod blobs;
 mod body;
+mod counters;
 mod digest;
 mod error;
 pub mod host;
@@ -54,6 +56,7 @@ mod registry;
 mod request;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod throttle;
 mod uploads;
 
 pub use auth::AuthConfig;
@@ -70,6 +73,7 @@ pub use hosts::s3::{S3Blobs, S3Config};
 pub use http_client::{HttpClient, OutBody};
 pub use names::{RepoName, Tag};
 pub use registry::{Config, Registry, RegistryResponse};
+pub use throttle::{ClientAddr, LoginLimits};
 
 /// A registry over in-memory stores, for tests and embedding.
 pub type MemoryRegistry = Registry<MemoryKv, MemoryBlobs>;

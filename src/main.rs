@@ -114,7 +114,8 @@ struct ServeArgs {
     no_fsync: bool,
 
     /// Cancel upload sessions older than this many seconds, freeing their space (checked
-    /// periodically). 0 keeps them forever.
+    /// periodically); they stop counting towards --max-uploads then. 0 keeps them forever
+    /// (they then count for a day).
     #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
     upload_expiry_secs: u64,
 
@@ -161,6 +162,72 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_MAX_PASSWORD_CHECKS", value_name = "N",
           value_parser = clap::value_parser!(u16).range(1..))]
     max_password_checks: Option<u16>,
+
+    /// Seconds a count of failed logins (Basic credentials, /token) lasts from its first
+    /// failure, and so the longest lockout. While a count is at its limit, every password
+    /// check it covers gets 429 with Retry-After, the right password too. 0: no limits.
+    #[arg(
+        long,
+        env = "DOCKSIDE_LOGIN_WINDOW_SECS",
+        default_value_t = 60,
+        value_name = "SECS"
+    )]
+    login_window_secs: u64,
+
+    /// Failed logins per window for one user name from one client address. 0: no limit.
+    #[arg(
+        long,
+        env = "DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    login_failures_per_user_address: u64,
+
+    /// Failed logins per window for one user name from all addresses together: looser, since
+    /// reaching it locks the user out everywhere. 0: no limit.
+    #[arg(
+        long,
+        env = "DOCKSIDE_LOGIN_FAILURES_PER_USER",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    login_failures_per_user: u64,
+
+    /// Failed logins per window from one client address (an IPv6 address by its /64), all
+    /// user names together. 0: no limit.
+    #[arg(
+        long,
+        env = "DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS",
+        default_value_t = 50,
+        value_name = "N"
+    )]
+    login_failures_per_address: u64,
+
+    /// Take the client address from the last entry of X-Forwarded-For (what the proxy in
+    /// front of dockside appended) instead of the connection's peer. Only behind a proxy that
+    /// sets it: otherwise every client picks its own address.
+    #[arg(long, env = "DOCKSIDE_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
+
+    /// Most upload sessions open at once in the whole registry (counted in the key-value
+    /// store, across instances); a POST beyond gets 429 with Retry-After. Sessions stop
+    /// counting when closed, cancelled or expired (--upload-expiry-secs). 0: unlimited.
+    #[arg(
+        long,
+        env = "DOCKSIDE_MAX_UPLOADS",
+        default_value_t = 1000,
+        value_name = "N"
+    )]
+    max_uploads: u64,
+
+    /// Most upload sessions open at once in one repository. 0: unlimited.
+    #[arg(
+        long,
+        env = "DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    max_uploads_per_repository: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -263,6 +330,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         delete_enabled: !args.no_delete,
         tag_delete_enabled: !args.no_tag_delete,
         auth: auth.map(Arc::new),
+        login_limits: dockside::LoginLimits {
+            window_secs: args.login_window_secs,
+            per_user_address: args.login_failures_per_user_address,
+            per_user: args.login_failures_per_user,
+            per_address: args.login_failures_per_address,
+        },
+        trust_forwarded_for: args.trust_forwarded_for,
+        max_uploads: args.max_uploads,
+        max_uploads_per_repository: args.max_uploads_per_repository,
+        upload_expiry_secs: args.upload_expiry_secs,
         ..Config::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -309,7 +386,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         tracing::info!("dockside listening on http://{addr}, {stores}{redirect}");
         let registry = Arc::new(registry);
-        if args.upload_expiry_secs > 0 {
+        if args.upload_expiry_secs > 0 || args.login_window_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
         server::serve_registry(listener, registry, limits, server::shutdown_signal())
@@ -449,14 +526,24 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
     }
 }
 
-/// Purges stale upload sessions now and then: every quarter of the expiry, at most hourly.
+/// Purges stale upload sessions now and then (unless `expiry_secs` is 0): every quarter of the
+/// expiry, at most hourly; with them, failed-login counts whose window has passed.
 async fn purge_uploads(registry: Arc<ServedRegistry>, expiry_secs: u64) {
-    let every = Duration::from_secs((expiry_secs / 4).clamp(1, 3600));
+    let every = match expiry_secs {
+        0 => Duration::from_secs(3600),
+        s => Duration::from_secs((s / 4).clamp(1, 3600)),
+    };
     loop {
-        match registry.purge_stale_uploads(expiry_secs).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!("cancelled {n} upload sessions older than {expiry_secs} s"),
-            Err(e) => tracing::warn!("purging stale uploads failed: {e}"),
+        // 0 keeps sessions forever: purging "older than 0 s" would cancel every one.
+        if expiry_secs > 0 {
+            match registry.purge_stale_uploads(expiry_secs).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("cancelled {n} upload sessions older than {expiry_secs} s"),
+                Err(e) => tracing::warn!("purging stale uploads failed: {e}"),
+            }
+        }
+        if let Err(e) = registry.purge_login_failures().await {
+            tracing::warn!("purging failed-login counts failed: {e}");
         }
         tokio::time::sleep(every).await;
     }

@@ -14,6 +14,7 @@ use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::names::RepoName;
 use crate::request::{Query, percent_decode};
+use crate::throttle::{LoginLimits, LoginThrottle};
 
 /// What a registry allows and advertises. `Config::default()` suits a local registry; edge
 /// deployments lower the size limits to what their host accepts.
@@ -55,6 +56,21 @@ pub struct Config {
     /// Where password checks (Basic credentials, `/token` logins) run; `None`, the default,
     /// runs them inline.
     pub password_checks: Option<Arc<dyn PasswordChecks>>,
+    /// Limits on failed logins (Basic credentials, `/token`), counted in the key-value store
+    /// per user name, client address and both (`crate::throttle`).
+    pub login_limits: LoginLimits,
+    /// Whether the client address is the last entry of `X-Forwarded-For` (what a proxy in
+    /// front appended) rather than the adapter's [`crate::ClientAddr`]. Only behind a proxy
+    /// that sets it: otherwise clients choose their own address.
+    pub trust_forwarded_for: bool,
+    /// Most upload sessions open at once in the whole registry; 0: unlimited.
+    pub max_uploads: u64,
+    /// Most upload sessions open at once in one repository; 0: unlimited.
+    pub max_uploads_per_repository: u64,
+    /// Seconds after which an upload session is stale (the native server purges it then) and
+    /// stops counting towards the limits above; 0: never stale (sessions then count for a
+    /// day).
+    pub upload_expiry_secs: u64,
 }
 
 impl Default for Config {
@@ -72,6 +88,11 @@ impl Default for Config {
             auth: None,
             blob_redirect: None,
             password_checks: None,
+            login_limits: LoginLimits::default(),
+            trust_forwarded_for: false,
+            max_uploads: 1000,
+            max_uploads_per_repository: 100,
+            upload_expiry_secs: 24 * 3600,
         }
     }
 }
@@ -81,7 +102,11 @@ impl Config {
     /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
     /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
     /// `DOCKSIDE_NO_TAG_DELETE`, `DOCKSIDE_BLOB_REDIRECT` (seconds a redirect stays valid; 0
-    /// or unset: off), and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
+    /// or unset: off), the failed-login limits `DOCKSIDE_LOGIN_WINDOW_SECS`,
+    /// `DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS`, `DOCKSIDE_LOGIN_FAILURES_PER_USER`,
+    /// `DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS` and `DOCKSIDE_TRUST_FORWARDED_FOR`, the upload
+    /// limits `DOCKSIDE_MAX_UPLOADS`, `DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY` and
+    /// `DOCKSIDE_UPLOAD_EXPIRY_SECS`, and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
     /// document) and the overrides of [`AuthConfig::from_settings`]. Unset means the default.
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
@@ -94,7 +119,7 @@ impl Config {
                     .trim()
                     .parse()
                     .map(Some)
-                    .map_err(|_| format!("{name} must be a number of bytes, not {v:?}")),
+                    .map_err(|_| format!("{name} must be a whole number, not {v:?}")),
             }
         };
         let flag = |name: &str| -> std::result::Result<bool, String> {
@@ -105,7 +130,20 @@ impl Config {
             }
         };
         let d = Config::default();
+        let l = &d.login_limits;
         Ok(Config {
+            login_limits: LoginLimits {
+                window_secs: num("DOCKSIDE_LOGIN_WINDOW_SECS")?.unwrap_or(l.window_secs),
+                per_user_address: num("DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS")?
+                    .unwrap_or(l.per_user_address),
+                per_user: num("DOCKSIDE_LOGIN_FAILURES_PER_USER")?.unwrap_or(l.per_user),
+                per_address: num("DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS")?.unwrap_or(l.per_address),
+            },
+            trust_forwarded_for: flag("DOCKSIDE_TRUST_FORWARDED_FOR")?,
+            max_uploads: num("DOCKSIDE_MAX_UPLOADS")?.unwrap_or(d.max_uploads),
+            max_uploads_per_repository: num("DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY")?
+                .unwrap_or(d.max_uploads_per_repository),
+            upload_expiry_secs: num("DOCKSIDE_UPLOAD_EXPIRY_SECS")?.unwrap_or(d.upload_expiry_secs),
             max_manifest_bytes: num("DOCKSIDE_MAX_MANIFEST_BYTES")?.unwrap_or(d.max_manifest_bytes),
             max_blob_bytes: num("DOCKSIDE_MAX_BLOB_BYTES")?.unwrap_or(d.max_blob_bytes),
             max_chunk_bytes: num("DOCKSIDE_MAX_CHUNK_BYTES")?.or(d.max_chunk_bytes),
@@ -169,9 +207,18 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             body: Box::pin(body),
             polled: false,
         });
+        let client = crate::throttle::client_address(&parts, self.config.trust_forwarded_for);
+        let throttle = LoginThrottle::new(
+            &self.kv,
+            &self.config.login_limits,
+            client,
+            crate::auth::now_secs(),
+        );
         let result = match &self.config.auth {
-            Some(auth) if parts.uri.path() == "/token" => self.token(auth, &parts, &mut body).await,
-            _ => self.route(&parts, &mut body).await,
+            Some(auth) if parts.uri.path() == "/token" => {
+                self.token(auth, &parts, &mut body, &throttle).await
+            }
+            _ => self.route(&parts, &mut body, &throttle).await,
         };
         let mut resp = match result {
             Ok(r) => r,
@@ -193,6 +240,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         &self,
         parts: &http::request::Parts,
         body: &mut Pin<Box<RB>>,
+        throttle: &LoginThrottle<'_, K>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -209,8 +257,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             None => Caller::unrestricted(),
             Some(a) => {
                 let now = crate::auth::now_secs();
-                a.authorize(parts, &need(&route, m), now, self.password_checks())
-                    .await?
+                a.authorize(
+                    parts,
+                    &need(&route, m),
+                    now,
+                    self.password_checks(),
+                    throttle,
+                )
+                .await?
             }
         };
         let sub = caller.subject();
@@ -276,6 +330,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         auth: &Arc<AuthConfig>,
         parts: &http::request::Parts,
         body: &mut Pin<Box<RB>>,
+        throttle: &LoginThrottle<'_, K>,
     ) -> Result<RegistryResponse<B>>
     where
         RB: http_body::Body,
@@ -284,7 +339,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let now = crate::auth::now_secs();
         let (status, json) = match parts.method {
             Method::GET => {
-                auth.token_endpoint(parts, None, now, self.password_checks())
+                auth.token_endpoint(parts, None, now, self.password_checks(), throttle)
                     .await?
             }
             Method::POST => {
@@ -298,7 +353,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                         Error::bad_request(ErrorCode::Unsupported, format!("reading the body: {e}"))
                     }
                 })?;
-                auth.token_endpoint(parts, Some(&form), now, self.password_checks())
+                auth.token_endpoint(parts, Some(&form), now, self.password_checks(), throttle)
                     .await?
             }
             ref m => return Err(method_not_allowed(m, "GET, POST")),

@@ -39,6 +39,10 @@ struct UploadRecord {
     /// Who opened the session (with access control on): only they may go on with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     subject: Option<String>,
+    /// Whether the session went into the open-session counts (`crate::admission`): its
+    /// close or cancel takes it out again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    counted: bool,
 }
 
 /// A session read from the store, with the exact bytes it was read as (for compare-and-swap).
@@ -172,25 +176,35 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             None => Algorithm::Sha256,
         };
         let id = UploadId::random()?;
+        let started = now_secs();
         let record = UploadRecord {
             alg,
             offset: 0,
             hash: Hasher::new(alg).save(),
             parts: Vec::new(),
-            started: now_secs(),
+            started,
             closing: false,
             subject: sub.map(str::to_owned),
+            counted: self.admit_upload(name, started).await?,
         };
         let key = layout::upload(name, &id);
         let raw = serde_json::to_vec(&record).expect("serializes");
         // The index entry first: a session is never unreachable by the purge.
-        self.kv
-            .set(
-                &layout::upload_index(record.started, &id),
-                name.as_str().as_bytes(),
-            )
-            .await?;
-        self.kv.set(&key, &raw).await?;
+        let written = async {
+            self.kv
+                .set(
+                    &layout::upload_index(record.started, &id),
+                    name.as_str().as_bytes(),
+                )
+                .await?;
+            self.kv.set(&key, &raw).await
+        };
+        if let Err(e) = written.await {
+            if record.counted {
+                self.release_upload(name, started).await;
+            }
+            return Err(e.into());
+        }
         let s = Session {
             id,
             key,
@@ -451,6 +465,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             ..record
         };
         self.save(name, &s, &record).await?;
+        if record.counted {
+            self.release_upload(name, record.started).await;
+        }
         self.kv.delete(&s.key).await?;
         self.kv
             .delete(&layout::upload_index(record.started, &s.id))
@@ -525,7 +542,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         sub: Option<&str>,
     ) -> Result<RegistryResponse<B>> {
         let s = self.load_session(name, id, sub).await?;
-        if !self.drop_session(&s.key, &s.id, &s.raw, &s.record).await? {
+        if !self
+            .drop_session(name, &s.key, &s.id, &s.raw, &s.record)
+            .await?
+        {
             // A closing PUT (or another cancel) claimed it first: the parts are theirs.
             return Err(upload_unknown());
         }
@@ -538,6 +558,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// them then would leave a blob whose bytes are gone. False when the claim was lost.
     async fn drop_session(
         &self,
+        name: &RepoName,
         key: &str,
         id: &UploadId,
         raw: &[u8],
@@ -553,6 +574,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let claimed = serde_json::to_vec(&claimed).expect("serializes");
         if !self.kv.compare_and_swap(key, Some(raw), &claimed).await? {
             return Ok(false);
+        }
+        if record.counted {
+            self.release_upload(name, record.started).await;
         }
         self.kv.delete(key).await?;
         for p in &record.parts {
@@ -600,7 +624,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 if let Some(raw) = self.kv.get(&key).await?
                     && let Ok(record) = serde_json::from_slice::<UploadRecord>(&raw)
                     && self
-                        .drop_session(&key, &id, &raw, &record)
+                        .drop_session(&name, &key, &id, &raw, &record)
                         .await
                         .map_err(|e| StoreError::new(e.message))?
                 {

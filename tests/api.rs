@@ -429,6 +429,7 @@ on_every_host!(
     catalog,
     referrers,
     deletes,
+    upload_admission,
 );
 
 async fn base_and_routing(h: H) {
@@ -2072,7 +2073,13 @@ async fn deletes_leave_no_empty_directories() {
 async fn purge_lists_the_index_once() {
     const N: usize = 2500;
     let kv = Counted::new(MemoryKv::new());
-    let r = Registry::new(kv.clone(), MemoryBlobs::new(), Config::default());
+    // More sessions than the default caps allow.
+    let config = Config {
+        max_uploads: 0,
+        max_uploads_per_repository: 0,
+        ..Config::default()
+    };
+    let r = Registry::new(kv.clone(), MemoryBlobs::new(), config);
     for _ in 0..N {
         call(&r, Method::POST, "/v2/p/blobs/uploads/")
             .await
@@ -2221,4 +2228,195 @@ async fn indexed_listings_do_not_read_the_whole_store() {
     .await;
     r.expect(200);
     assert_eq!(read.load(Relaxed), 0, "a listing read the whole store");
+}
+
+/// Caps on open upload sessions (in total and per repository): a POST beyond one gets 429
+/// `TOOMANYREQUESTS` with `Retry-After`; closing and cancelling free slots; single-POST
+/// uploads and mounts open no session and are never refused.
+async fn upload_admission(mut h: H) {
+    h.config.max_uploads = 3;
+    h.config.max_uploads_per_repository = 2;
+    let refused = |r: Resp| {
+        r.expect_error(429, "TOOMANYREQUESTS");
+        let wait: u64 = r
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .unwrap();
+        assert!(wait >= 1);
+    };
+    let a1 = h.start("a", "").await;
+    let _a2 = h.start("a", "").await;
+    refused(h.post("/v2/a/blobs/uploads/", b"").await);
+    let b1 = h.start("b", "").await;
+    refused(h.post("/v2/c/blobs/uploads/", b"").await);
+    // A refused POST changed nothing: the open sessions go on.
+    h.send(Method::PATCH, &a1, &[], b"part").await.expect(202);
+    // Whole blobs in one POST, and mounts, open no session.
+    let d = h.push_blob("c", b"whole").await;
+    h.post(&format!("/v2/a/blobs/uploads/?mount={d}&from=c"), b"")
+        .await
+        .expect(201);
+    // A cancel frees a slot in its repository and in the total.
+    h.delete(&a1).await.expect(204);
+    let c1 = h.start("c", "").await;
+    refused(h.post("/v2/a/blobs/uploads/", b"").await);
+    // So does a closing PUT, and a failed one (the session is gone either way).
+    let d = sha256(b"b1");
+    h.send(Method::PUT, &format!("{b1}?digest={d}"), &[], b"b1")
+        .await
+        .expect(201);
+    let a3 = h.start("a", "").await;
+    refused(h.post("/v2/a/blobs/uploads/", b"").await);
+    let wrong = sha256(b"other");
+    h.send(Method::PUT, &format!("{c1}?digest={wrong}"), &[], b"c1")
+        .await
+        .expect_error(400, "DIGEST_INVALID");
+    refused(h.post("/v2/a/blobs/uploads/", b"").await);
+    h.start("d", "").await;
+    // Nothing is left counted once every session is gone.
+    for loc in [_a2, a3] {
+        h.delete(&loc).await.expect(204);
+    }
+    h.start("a", "").await;
+    h.start("a", "").await;
+}
+
+/// `n` copies of one request, each on a thread of its own with its own executor, so that they
+/// really run at once (as in `cancel_racing_close`).
+fn race(h: &H, n: usize, method: Method, uri: &str) -> Vec<Resp> {
+    std::thread::scope(|sc| {
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let m = method.clone();
+                sc.spawn(move || futures_executor::block_on(h.send(m, uri, &[], b"")))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
+/// Racing POSTs never open more sessions than the cap (the counts are compare-and-swapped),
+/// and racing cancels free exactly the slots they held.
+async fn upload_admission_races(mut h: H) {
+    h.config.max_uploads = 0;
+    h.config.max_uploads_per_repository = 5;
+    let answers = race(&h, 16, Method::POST, "/v2/race/blobs/uploads/");
+    let opened: Vec<String> = answers
+        .iter()
+        .filter(|r| r.status == StatusCode::ACCEPTED)
+        .map(|r| r.header("location").unwrap().to_owned())
+        .collect();
+    let statuses: Vec<_> = answers.iter().map(|r| r.status.as_u16()).collect();
+    assert_eq!(opened.len(), 5, "statuses: {statuses:?}");
+    for r in answers.iter().filter(|r| r.status != StatusCode::ACCEPTED) {
+        r.expect_error(429, "TOOMANYREQUESTS");
+    }
+    let h = &h;
+    std::thread::scope(|sc| {
+        for l in opened.iter().take(3) {
+            sc.spawn(move || {
+                futures_executor::block_on(h.delete(l)).expect(204);
+            });
+        }
+    });
+    let answers = race(h, 8, Method::POST, "/v2/race/blobs/uploads/");
+    let n = answers
+        .iter()
+        .filter(|r| r.status == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(n, 3);
+}
+
+mod upload_admission_races {
+    #[test]
+    fn memory() {
+        futures_executor::block_on(super::upload_admission_races(super::H::memory()))
+    }
+    // Each request opens its own directory registry, as separate processes would: the key
+    // lock files serialize the compare-and-swaps.
+    #[test]
+    fn dir() {
+        futures_executor::block_on(super::upload_admission_races(super::H::dir()))
+    }
+    #[test]
+    fn kv_indexed() {
+        futures_executor::block_on(super::upload_admission_races(super::H::kv_indexed()))
+    }
+    #[cfg(feature = "backends")]
+    #[test]
+    fn redis() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let h = rt.block_on(super::H::redis());
+        futures_executor::block_on(super::upload_admission_races(h))
+    }
+}
+
+/// Sessions abandoned where no purge runs (the edge components) stop counting once older
+/// than the upload expiry, and so does a count whose session was never written (a crash
+/// between the two steps): the counts lapse by themselves.
+#[tokio::test]
+async fn abandoned_uploads_stop_counting() {
+    let kv = MemoryKv::new();
+    let mut h = H::memory();
+    h.stores = Stores::Memory(kv.clone(), MemoryBlobs::new());
+    h.config.max_uploads_per_repository = 1;
+    h.config.upload_expiry_secs = 2;
+    let started = std::time::Instant::now();
+    let loc = h.start("p", "").await;
+    h.post("/v2/p/blobs/uploads/", b"")
+        .await
+        .expect_error(429, "TOOMANYREQUESTS");
+    // The session vanishes without a close (as after a crash): its count stays, for now.
+    let key = kv
+        .keys()
+        .into_iter()
+        .find(|k| k.starts_with("repositories/p/_uploads/"))
+        .unwrap();
+    kv.delete(&key).await.unwrap();
+    h.get(&loc).await.expect_error(404, "BLOB_UPLOAD_UNKNOWN");
+    h.post("/v2/p/blobs/uploads/", b"")
+        .await
+        .expect_error(429, "TOOMANYREQUESTS");
+    // Expiry 2 s, counted in spans of 1 s: gone within 4 s, with no purge.
+    loop {
+        let r = h.post("/v2/p/blobs/uploads/", b"").await;
+        if r.status == StatusCode::ACCEPTED {
+            break;
+        }
+        r.expect_error(429, "TOOMANYREQUESTS");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the count never lapsed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}
+
+/// The purge of stale sessions frees their slots.
+#[tokio::test]
+async fn purged_uploads_free_their_slots() {
+    let kv = MemoryKv::new();
+    let blobs = MemoryBlobs::new();
+    let config = Config {
+        max_uploads_per_repository: 1,
+        ..Config::default()
+    };
+    let registry = Registry::new(kv.clone(), blobs.clone(), config.clone());
+    let h = H {
+        stores: Stores::Memory(kv, blobs),
+        config,
+    };
+    h.start("p", "").await;
+    h.post("/v2/p/blobs/uploads/", b"")
+        .await
+        .expect_error(429, "TOOMANYREQUESTS");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(registry.purge_stale_uploads(0).await.unwrap(), 1);
+    h.start("p", "").await;
 }

@@ -1796,3 +1796,398 @@ async fn refused_bodies_are_read_only_when_it_helps() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Brute-force protection: failed logins counted in the key-value store (src/throttle.rs)
+
+fn throttled(
+    limits: dockside::LoginLimits,
+    trust_forwarded_for: bool,
+) -> (MemoryKv, MemoryRegistry) {
+    let auth = AuthConfig::from_toml(&config_toml(""))
+        .unwrap()
+        .expect("an [auth] table");
+    let kv = MemoryKv::new();
+    let r = Registry::new(
+        kv.clone(),
+        MemoryBlobs::new(),
+        Config {
+            auth: Some(Arc::new(auth)),
+            login_limits: limits,
+            trust_forwarded_for,
+            ..Config::default()
+        },
+    );
+    (kv, r)
+}
+
+/// A request as the native server hands it over: with the peer's address (`from`), if known.
+async fn call_from(
+    r: &MemoryRegistry,
+    from: Option<&str>,
+    method: &str,
+    uri: &str,
+    cred: Cred<'_>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut b = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(uri);
+    if let Cred::Basic(u, p) = cred {
+        b = b.header(
+            "authorization",
+            format!("Basic {}", STANDARD.encode(format!("{u}:{p}"))),
+        );
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    if let Some(a) = from {
+        b = b.extension(dockside::ClientAddr(a.parse().unwrap()));
+    }
+    let resp = r.handle(b.body(Full::new(Bytes::new())).unwrap()).await;
+    let (parts, body) = resp.into_parts();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// Basic credentials on `/v2/` from `from`.
+async fn login(r: &MemoryRegistry, from: Option<&str>, user: &str, pw: &str) -> Resp {
+    call_from(r, from, "GET", "/v2/", Cred::Basic(user, pw), &[]).await
+}
+
+/// A 429 `TOOMANYREQUESTS` in the spec's envelope; returns its `Retry-After`.
+#[track_caller]
+fn throttled_for(resp: &Resp, window: u64) -> u64 {
+    resp.expect(429);
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    assert_eq!(resp.code(), "TOOMANYREQUESTS");
+    let wait: u64 = resp
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=window).contains(&wait), "Retry-After {wait}");
+    wait
+}
+
+fn limits(window: u64, user_address: u64, user: u64, address: u64) -> dockside::LoginLimits {
+    dockside::LoginLimits {
+        window_secs: window,
+        per_user_address: user_address,
+        per_user: user,
+        per_address: address,
+    }
+}
+
+/// The three counts engage as designed: one address guessing one user is locked out of that
+/// user (right password too) while the user logs in from elsewhere and others log in from that
+/// address; enough failures from one address lock it out for every name; enough for one name
+/// from anywhere lock that name out everywhere; and everything works again once the window
+/// (counted from the first failure) has passed, no later.
+#[tokio::test]
+async fn failed_logins_are_throttled_per_user_and_address() {
+    // Counts start at the whole second of their first failure: the lockout lasts between
+    // WINDOW - 1 and WINDOW seconds, time enough for the checks below on a loaded machine.
+    const WINDOW: u64 = 4;
+    let (_, r) = throttled(limits(WINDOW, 3, 5, 4), false);
+    let (a, b, c) = (Some("10.0.0.1"), Some("10.0.0.2"), Some("10.0.0.3"));
+    let first = std::time::Instant::now();
+    for _ in 0..3 {
+        login(&r, a, "alice", "guess").await.unauthorized();
+    }
+    throttled_for(&login(&r, a, "alice", "guess").await, WINDOW);
+    // The right password is refused too, on every way in, while the lockout lasts.
+    throttled_for(&login(&r, a, "alice", "alice-pw").await, WINDOW);
+    let tok = "/token?service=test-registry&scope=repository:team-a/app:pull";
+    throttled_for(
+        &call_from(&r, a, "GET", tok, Cred::Basic("alice", "alice-pw"), &[]).await,
+        WINDOW,
+    );
+    // Alice from elsewhere, and Bob from the attacker's address, are unaffected.
+    login(&r, b, "alice", "alice-pw").await.expect(200);
+    login(&r, a, "bob", "bob-pw").await.expect(200);
+    // A fourth failure from the address (another name) locks the address for every name.
+    login(&r, a, "bob", "guess").await.unauthorized();
+    throttled_for(&login(&r, a, "bob", "bob-pw").await, WINDOW);
+    throttled_for(&login(&r, a, "nobody", "x").await, WINDOW);
+    login(&r, b, "bob", "bob-pw").await.expect(200);
+    // Two more failures for alice from b make five for the name: locked out everywhere.
+    for _ in 0..2 {
+        login(&r, b, "alice", "guess").await.unauthorized();
+    }
+    let wait = throttled_for(&login(&r, c, "alice", "alice-pw").await, WINDOW);
+    login(&r, c, "bob", "bob-pw").await.expect(200);
+    // After the window, the right password works from everywhere.
+    tokio::time::sleep(std::time::Duration::from_millis(wait * 1000 + 100)).await;
+    login(&r, a, "alice", "alice-pw").await.expect(200);
+    login(&r, c, "alice", "alice-pw").await.expect(200);
+    login(&r, a, "bob", "bob-pw").await.expect(200);
+    assert!(
+        first.elapsed() < std::time::Duration::from_millis(WINDOW * 1000 + 1200),
+        "the lockout outlasted the window: {:?}",
+        first.elapsed()
+    );
+}
+
+/// The token endpoint's logins (GET with Basic, POST `grant_type=password`) count like Basic
+/// on `/v2/`, and every name is counted whether a user has it or not (a name that never locks
+/// would tell which names are users).
+#[tokio::test]
+async fn token_logins_count_and_unknown_names_lock_alike() {
+    let (_, r) = throttled(limits(60, 2, 0, 0), false);
+    let a = Some("192.0.2.7");
+    let tok = "/token?service=test-registry";
+    call_from(&r, a, "GET", tok, Cred::Basic("alice", "x"), &[])
+        .await
+        .expect(401);
+    let post = |user: &'static str, pw: &'static str| {
+        let r = &r;
+        async move {
+            let body = format!("grant_type=password&username={user}&password={pw}&service=s");
+            let b = Request::builder()
+                .method("POST")
+                .uri("/token")
+                .extension(dockside::ClientAddr("192.0.2.7".parse().unwrap()))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = r.handle(b).await;
+            let (parts, body) = resp.into_parts();
+            Resp {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.collect().await.unwrap().to_bytes(),
+            }
+        }
+    };
+    post("alice", "y").await.expect(401);
+    throttled_for(&post("alice", "alice-pw").await, 60);
+    login(&r, a, "nobody", "1").await.unauthorized();
+    login(&r, a, "nobody", "2").await.unauthorized();
+    throttled_for(&login(&r, a, "nobody", "3").await, 60);
+}
+
+/// Without a client address (an adapter that cannot tell) the tight count is per user name.
+#[tokio::test]
+async fn without_an_address_the_user_name_is_counted() {
+    let (_, r) = throttled(limits(60, 3, 0, 0), false);
+    for _ in 0..3 {
+        login(&r, None, "alice", "guess").await.unauthorized();
+    }
+    throttled_for(&login(&r, None, "alice", "alice-pw").await, 60);
+    login(&r, None, "bob", "bob-pw").await.expect(200);
+    // A known address has its own count.
+    login(&r, Some("10.1.1.1"), "alice", "alice-pw")
+        .await
+        .expect(200);
+}
+
+/// `X-Forwarded-For` is the client address only when trusted, and then only its last entry
+/// (what the proxy appended): a client cannot pick an address by sending the header.
+#[tokio::test]
+async fn forwarded_for_only_when_trusted() {
+    let proxy = Some("10.9.9.9");
+    let (_, r) = throttled(limits(60, 2, 0, 0), false);
+    for i in 0..2 {
+        let xff = format!("203.0.113.{i}");
+        call_from(
+            &r,
+            proxy,
+            "GET",
+            "/v2/",
+            Cred::Basic("alice", "x"),
+            &[("x-forwarded-for", &xff)],
+        )
+        .await
+        .unauthorized();
+    }
+    let resp = call_from(
+        &r,
+        proxy,
+        "GET",
+        "/v2/",
+        Cred::Basic("alice", "alice-pw"),
+        &[("x-forwarded-for", "203.0.113.50")],
+    )
+    .await;
+    throttled_for(&resp, 60);
+
+    let (_, r) = throttled(limits(60, 2, 0, 0), true);
+    let from = |xff: &'static str| [("x-forwarded-for", xff)];
+    for _ in 0..2 {
+        call_from(
+            &r,
+            proxy,
+            "GET",
+            "/v2/",
+            Cred::Basic("alice", "x"),
+            &from("1.2.3.4, 203.0.113.1"),
+        )
+        .await
+        .unauthorized();
+    }
+    // The same client, whatever it puts first.
+    let resp = call_from(
+        &r,
+        proxy,
+        "GET",
+        "/v2/",
+        Cred::Basic("alice", "alice-pw"),
+        &from("5.6.7.8, 203.0.113.1"),
+    )
+    .await;
+    throttled_for(&resp, 60);
+    // Another client behind the same proxy.
+    call_from(
+        &r,
+        proxy,
+        "GET",
+        "/v2/",
+        Cred::Basic("alice", "alice-pw"),
+        &from("203.0.113.2"),
+    )
+    .await
+    .expect(200);
+    // No usable header: the peer (the proxy) is the address.
+    call_from(
+        &r,
+        proxy,
+        "GET",
+        "/v2/",
+        Cred::Basic("alice", "alice-pw"),
+        &from("garbage"),
+    )
+    .await
+    .expect(200);
+}
+
+/// IPv6 clients are counted by /64 (one host usually has a whole /64); IPv4-mapped addresses
+/// as the IPv4 address.
+#[tokio::test]
+async fn ipv6_addresses_count_by_prefix() {
+    let (_, r) = throttled(limits(60, 0, 0, 2), false);
+    login(&r, Some("2001:db8::1"), "alice", "x")
+        .await
+        .unauthorized();
+    login(&r, Some("2001:db8::ffff:2"), "bob", "x")
+        .await
+        .unauthorized();
+    throttled_for(&login(&r, Some("2001:db8::3"), "bob", "bob-pw").await, 60);
+    login(&r, Some("2001:db8:0:1::1"), "bob", "bob-pw")
+        .await
+        .expect(200);
+    login(&r, Some("::ffff:10.0.0.1"), "alice", "x")
+        .await
+        .unauthorized();
+    login(&r, Some("10.0.0.1"), "alice", "x")
+        .await
+        .unauthorized();
+    throttled_for(&login(&r, Some("10.0.0.1"), "bob", "bob-pw").await, 60);
+}
+
+/// A successful login clears its own (user, address) count, so a user who mistyped starts
+/// afresh; the per-user count is not cleared (an attacker's own successes must not help).
+#[tokio::test]
+async fn a_success_resets_only_its_own_count() {
+    let (_, r) = throttled(limits(60, 3, 0, 0), false);
+    let a = Some("10.0.0.1");
+    for _ in 0..2 {
+        login(&r, a, "alice", "typo").await.unauthorized();
+    }
+    login(&r, a, "alice", "alice-pw").await.expect(200);
+    for _ in 0..3 {
+        login(&r, a, "alice", "typo").await.unauthorized();
+    }
+    throttled_for(&login(&r, a, "alice", "alice-pw").await, 60);
+
+    let (_, r) = throttled(limits(60, 0, 3, 0), false);
+    for _ in 0..2 {
+        login(&r, a, "alice", "typo").await.unauthorized();
+    }
+    login(&r, a, "alice", "alice-pw").await.expect(200);
+    login(&r, a, "alice", "typo").await.unauthorized();
+    throttled_for(&login(&r, a, "alice", "alice-pw").await, 60);
+}
+
+/// A limit of 0 turns its count off, a window of 0 all of them; and with every count off
+/// nothing is written to the store.
+#[tokio::test]
+async fn throttle_limits_of_zero_are_off() {
+    let (kv, r) = throttled(limits(0, 1, 1, 1), false);
+    for _ in 0..5 {
+        login(&r, Some("10.0.0.1"), "alice", "x")
+            .await
+            .unauthorized();
+    }
+    login(&r, Some("10.0.0.1"), "alice", "alice-pw")
+        .await
+        .expect(200);
+    assert!(kv.keys().iter().all(|k| !k.starts_with("login-failures/")));
+    let (_, r) = throttled(limits(60, 0, 0, 2), false);
+    for _ in 0..5 {
+        login(&r, None, "alice", "x").await.unauthorized();
+    }
+}
+
+/// The purge frees the keys of counts whose window has passed, and keeps running ones.
+#[tokio::test]
+async fn lapsed_failure_counts_are_purged() {
+    // A window of 3 s: the first purge runs well within it, even on a loaded machine.
+    let (kv, r) = throttled(limits(3, 5, 5, 5), false);
+    let count = || {
+        kv.keys()
+            .iter()
+            .filter(|k| k.starts_with("login-failures/"))
+            .count()
+    };
+    login(&r, Some("10.0.0.1"), "someone", "x")
+        .await
+        .unauthorized();
+    assert_eq!(count(), 3);
+    assert_eq!(r.purge_login_failures().await.unwrap(), 0);
+    assert_eq!(count(), 3);
+    tokio::time::sleep(std::time::Duration::from_millis(4100)).await;
+    assert_eq!(r.purge_login_failures().await.unwrap(), 3);
+    assert_eq!(count(), 0);
+}
+
+#[test]
+fn limit_settings() {
+    let settings = [
+        ("DOCKSIDE_LOGIN_WINDOW_SECS", "30"),
+        ("DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS", "4"),
+        ("DOCKSIDE_LOGIN_FAILURES_PER_USER", "0"),
+        ("DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS", "9"),
+        ("DOCKSIDE_TRUST_FORWARDED_FOR", "true"),
+        ("DOCKSIDE_MAX_UPLOADS", "7"),
+        ("DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY", "0"),
+        ("DOCKSIDE_UPLOAD_EXPIRY_SECS", "600"),
+    ];
+    let get = |k: &str| {
+        settings
+            .iter()
+            .find(|(s, _)| *s == k)
+            .map(|(_, v)| v.to_string())
+    };
+    let c = Config::from_settings(get).unwrap();
+    assert_eq!(c.login_limits, limits(30, 4, 0, 9));
+    assert!(c.trust_forwarded_for);
+    assert_eq!(
+        (
+            c.max_uploads,
+            c.max_uploads_per_repository,
+            c.upload_expiry_secs
+        ),
+        (7, 0, 600)
+    );
+    let d = Config::from_settings(|_| None).unwrap();
+    assert_eq!(d.login_limits, limits(60, 10, 100, 50));
+    assert_eq!((d.max_uploads, d.max_uploads_per_repository), (1000, 100));
+    assert!(!d.trust_forwarded_for);
+    let e = Config::from_settings(|k| (k == "DOCKSIDE_MAX_UPLOADS").then(|| "lots".to_owned()))
+        .unwrap_err();
+    assert!(e.contains("DOCKSIDE_MAX_UPLOADS"), "{e}");
+}

@@ -288,3 +288,130 @@ fn hash_password_subcommand() {
         dockside::AuthConfig::from_toml(&toml).unwrap().unwrap();
     }
 }
+
+/// A client whose connections come from `ip` (any 127.x.y.z is loopback on Linux): to the
+/// server, another client address.
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Password guessing over HTTP against the real server: the throttle engages with 429 and
+/// `Retry-After` in the spec's envelope, refuses the right password too from the guessing
+/// address, leaves the user's other addresses and other users alone, and lets the right
+/// password in once the window has passed, no later. Failures at `/token` and with Basic on
+/// `/v2/` count together. The server is given the peer address; `X-Forwarded-For` is ignored
+/// unless trusted.
+#[tokio::test]
+async fn password_guessing_is_throttled_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let s = Server::builder()
+        .arg("--config")
+        .arg(cfg)
+        .args(["--login-window-secs", "4"])
+        .args(["--login-failures-per-user-address", "5"])
+        .args(["--login-failures-per-user", "20"])
+        .args(["--login-failures-per-address", "20"])
+        .env("DOCKSIDE_AUTH_SECRET", SECRET)
+        .start();
+    let attacker = client_from("127.0.0.1");
+    let elsewhere = client_from("127.0.0.2");
+    let token = s.url("/token?service=dockside-test&scope=repository:alice/app:pull");
+    let v2 = s.url("/v2/");
+    let first = std::time::Instant::now();
+    for i in 0..5 {
+        let url = if i % 2 == 0 { &token } else { &v2 };
+        let r = attacker
+            .get(url)
+            .basic_auth("alice", Some(format!("guess-{i}")))
+            // Spoofed: not trusted, so not the address.
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "guess {i}");
+    }
+    let mut retry_after = 0;
+    for (url, pw) in [(&token, "guess-5"), (&v2, "alice-pw"), (&token, "alice-pw")] {
+        let r = attacker
+            .get(url)
+            .basic_auth("alice", Some(pw))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        retry_after = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        assert!((1..=4).contains(&retry_after), "Retry-After {retry_after}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    }
+    // Alice from another address, and Bob from the guessing one, get in.
+    let r = elsewhere
+        .get(&token)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = attacker
+        .get(&v2)
+        .basic_auth("bob", Some("bob-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Once Retry-After has passed, the right password works from the guessing address too.
+    tokio::time::sleep(std::time::Duration::from_millis(retry_after * 1000 + 100)).await;
+    let r = attacker
+        .get(&token)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let locked = first.elapsed();
+    assert!(
+        locked < std::time::Duration::from_millis(5500),
+        "locked out for {locked:?} with a 4 s window"
+    );
+    println!("locked out for {locked:?} with a 4 s window");
+}
+
+/// The same with `--trust-forwarded-for` (dockside behind a proxy): the address is the last
+/// `X-Forwarded-For` entry, so clients behind one proxy are told apart.
+#[tokio::test]
+async fn forwarded_for_is_the_address_when_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let s = Server::builder()
+        .arg("--config")
+        .arg(cfg)
+        .arg("--trust-forwarded-for")
+        .args(["--login-failures-per-user-address", "2"])
+        .env("DOCKSIDE_AUTH_SECRET", SECRET)
+        .start();
+    let c = client();
+    let login = |from: &'static str, pw: &'static str| {
+        c.get(s.url("/v2/"))
+            .basic_auth("alice", Some(pw))
+            .header("x-forwarded-for", from)
+            .send()
+    };
+    for _ in 0..2 {
+        let r = login("6.6.6.6, 203.0.113.9", "nope").await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    let r = login("7.7.7.7, 203.0.113.9", "alice-pw").await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let r = login("203.0.113.10", "alice-pw").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -536,3 +536,99 @@ async fn s3_misconfigured_or_unreachable() {
         "the retries did not back off: {elapsed:?}"
     );
 }
+
+/// Brute-force protection and admission limits in the wasi:http component, where every
+/// request is a fresh instance (the counts live in the preopened directory's key-value store):
+/// settings from `--env`; wasi:http gives no client address, so failed logins are counted per
+/// user name (another user is unaffected), or per `X-Forwarded-For` address when trusted; the
+/// upload cap holds across instances and a cancel frees a slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_throttle_and_upload_caps() {
+    let w = serve_with(
+        &[
+            ("DOCKSIDE_AUTH_CONFIG", auth_toml()),
+            ("DOCKSIDE_AUTH_SECRET", AUTH_SECRET.to_owned()),
+            ("DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS", "3".to_owned()),
+            ("DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY", "1".to_owned()),
+        ],
+        |_| {},
+    );
+    let http = common::client();
+    let v2 = format!("http://{}/v2/", w.addr);
+    for i in 0..3 {
+        let r = http
+            .get(&v2)
+            .basic_auth("alice", Some(format!("guess-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let r = http
+        .get(&v2)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    // Forwarded addresses are not believed unless configured.
+    let r = http
+        .get(&v2)
+        .basic_auth("alice", Some("alice-pw"))
+        .header("x-forwarded-for", "203.0.113.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let mallory = |r: reqwest::RequestBuilder| r.basic_auth("mallory", Some("mallory-pw"));
+    let r = mallory(http.get(&v2)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let uploads = format!("http://{}/v2/team/app/blobs/uploads/", w.addr);
+    let r = mallory(http.post(&uploads)).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = absolute(
+        &format!("http://{}", w.addr),
+        r.headers()["location"].to_str().unwrap(),
+    );
+    let r = mallory(http.post(&uploads)).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    let r = mallory(http.delete(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = mallory(http.post(&uploads)).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    drop(w);
+
+    let w = serve_with(
+        &[
+            ("DOCKSIDE_AUTH_CONFIG", auth_toml()),
+            ("DOCKSIDE_AUTH_SECRET", AUTH_SECRET.to_owned()),
+            ("DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS", "2".to_owned()),
+            ("DOCKSIDE_TRUST_FORWARDED_FOR", "true".to_owned()),
+        ],
+        |_| {},
+    );
+    let v2 = format!("http://{}/v2/", w.addr);
+    let login = |from: &'static str, pw: &'static str| {
+        http.get(&v2)
+            .basic_auth("alice", Some(pw))
+            .header("x-forwarded-for", from)
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(login("203.0.113.1", "nope").await.unwrap().status(), 401);
+    }
+    assert_eq!(
+        login("203.0.113.1", "alice-pw").await.unwrap().status(),
+        429
+    );
+    assert_eq!(
+        login("203.0.113.2", "alice-pw").await.unwrap().status(),
+        200
+    );
+}

@@ -445,6 +445,7 @@ on_both_stores! {
     large_layer_in_bounded_memory => large_layer;
     access_control_from_spin_variables => access_control;
     racing_patches_one_winner => racing_patches;
+    login_throttle_and_upload_caps_across_instances => limits_across_instances;
 }
 
 /// The oci-client scenario shared with the wasi:http component's test.
@@ -813,4 +814,104 @@ async fn chunk_size_from_spin_variable() {
         let text = r.text().await.unwrap();
         assert!(text.contains("chunk_bytes"), "{text}");
     }
+}
+
+/// A client whose connections come from `ip` (any 127.x.y.z is loopback on Linux).
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Brute-force protection and admission limits from Spin variables, where every request may
+/// run on a fresh instance, so the counts live in the key-value store: failed logins lock the
+/// guessing address out of the user (429 + `Retry-After`, the right password too) while the
+/// user gets in from another address, which the component learns from Spin's
+/// `spin-client-addr` (a client sending its own is overridden); and a repository's open upload
+/// sessions are capped, a cancel freeing a slot.
+async fn limits_across_instances(store: Store) {
+    let spin = Spin::start(
+        store,
+        &[
+            ("auth_config", auth_toml()),
+            ("auth_secret", AUTH_SECRET.to_owned()),
+            ("login_failures_per_user_address", "3".to_owned()),
+            ("max_uploads_per_repository", "2".to_owned()),
+        ],
+    )
+    .await;
+    let base = spin.base();
+    let attacker = client_from("127.0.0.1");
+    let elsewhere = client_from("127.0.0.2");
+    let v2 = format!("{base}/v2/");
+    for i in 0..3 {
+        let r = attacker
+            .get(&v2)
+            .basic_auth("alice", Some(format!("guess-{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let r = attacker
+        .get(&v2)
+        .basic_auth("alice", Some("alice-pw"))
+        .header("spin-client-addr", "203.0.113.9:4000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    let r = elsewhere
+        .get(&v2)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "alice from another address");
+
+    let uploads = format!("{base}/v2/team/app/blobs/uploads/");
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let r = elsewhere
+            .post(&uploads)
+            .basic_auth("alice", Some("alice-pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        open.push(location(&base, &r));
+    }
+    let r = elsewhere
+        .post(&uploads)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = elsewhere
+        .delete(&open[0])
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = elsewhere
+        .post(&uploads)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
 }

@@ -444,7 +444,9 @@ where
             let start = Instant::now();
             let method = req.method().clone();
             let path = req.uri().path().to_owned();
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
+            // The core counts failed logins per client address.
+            parts.extensions.insert(crate::ClientAddr(peer.ip()));
             let body = RequestBody::new(body, &parts.headers, &limits);
             let req = hyper::Request::from_parts(parts, body);
             let task = tokio::spawn(handler(req));

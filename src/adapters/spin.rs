@@ -12,10 +12,16 @@
 //!
 //! Settings are Spin variables (declared in `spin.toml`): `auth_config` (the access
 //! configuration, a TOML document with an `[auth]` table), `auth_secret` (the token signing
-//! secret, a Spin secret), `auth_realm`, `auth_service`, `auth_issuer`, `auth_token_ttl`, and the
+//! secret, a Spin secret), `auth_realm`, `auth_service`, `auth_issuer`, `auth_token_ttl`, the
 //! limits `max_manifest_bytes`, `max_blob_bytes`, `max_chunk_bytes`, `chunk_min_length`,
-//! `no_delete`, `no_tag_delete`: each is the `DOCKSIDE_*` setting of the same name, lower-cased
-//! without the prefix. Empty means unset.
+//! `no_delete`, `no_tag_delete`, the failed-login limits `login_window_secs`,
+//! `login_failures_per_user_address`, `login_failures_per_user`, `login_failures_per_address`,
+//! `trust_forwarded_for`, and the upload limits `max_uploads`, `max_uploads_per_repository`,
+//! `upload_expiry_secs`: each is the `DOCKSIDE_*` setting of the same name, lower-cased without
+//! the prefix. Empty means unset.
+//!
+//! The client address (for the failed-login counts) is the last `spin-client-addr` header: the
+//! Spin runtime adds it to every request it hands over, after any a client sent.
 
 use std::cell::OnceCell;
 use std::rc::Rc;
@@ -38,7 +44,19 @@ async fn handle(req: Request) -> impl IntoResponse {
     resp
 }
 
-async fn respond(req: Request) -> Response {
+async fn respond(mut req: Request) -> Response {
+    // Spin's own header: the peer of the connection (`ip:port`). Spin 4.0.2 appends it after
+    // any the client sent (tests/spin.rs sends one), so the last one is Spin's.
+    if let Some(addr) = req
+        .headers()
+        .get_all("spin-client-addr")
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::throttle::parse_addr)
+    {
+        req.extensions_mut().insert(crate::ClientAddr(addr));
+    }
     let store = match Store::open_default().await {
         Ok(s) => SpinKv {
             store: Rc::new(s),
@@ -83,6 +101,26 @@ const VARIABLES: &[(&str, &str)] = &[
     ("DOCKSIDE_CHUNK_MIN_LENGTH", "chunk_min_length"),
     ("DOCKSIDE_NO_DELETE", "no_delete"),
     ("DOCKSIDE_NO_TAG_DELETE", "no_tag_delete"),
+    ("DOCKSIDE_LOGIN_WINDOW_SECS", "login_window_secs"),
+    (
+        "DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS",
+        "login_failures_per_user_address",
+    ),
+    (
+        "DOCKSIDE_LOGIN_FAILURES_PER_USER",
+        "login_failures_per_user",
+    ),
+    (
+        "DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS",
+        "login_failures_per_address",
+    ),
+    ("DOCKSIDE_TRUST_FORWARDED_FOR", "trust_forwarded_for"),
+    ("DOCKSIDE_MAX_UPLOADS", "max_uploads"),
+    (
+        "DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY",
+        "max_uploads_per_repository",
+    ),
+    ("DOCKSIDE_UPLOAD_EXPIRY_SECS", "upload_expiry_secs"),
 ];
 
 /// The configuration from Spin variables. A variable the manifest does not declare is unset.

@@ -13,6 +13,11 @@
 //! `DOCKSIDE_AUTH_CONFIG` (the TOML itself) or `DOCKSIDE_AUTH_CONFIG_FILE` (a file in a
 //! preopened directory), `DOCKSIDE_AUTH_SECRET` and the other `DOCKSIDE_AUTH_*` overrides. A
 //! broken access configuration answers every request with 500 rather than serve unprotected.
+//! The failed-login limits (`DOCKSIDE_LOGIN_*`, `DOCKSIDE_TRUST_FORWARDED_FOR`) and the upload
+//! limits (`DOCKSIDE_MAX_UPLOADS`, `DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY`,
+//! `DOCKSIDE_UPLOAD_EXPIRY_SECS`) are read the same way. wasi:http tells a component nothing
+//! of the client's address, so failed logins are counted per user name, unless a proxy in
+//! front sets `X-Forwarded-For` and `DOCKSIDE_TRUST_FORWARDED_FOR` says to believe it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

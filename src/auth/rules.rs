@@ -8,7 +8,9 @@ use serde_json::{Value, json};
 use super::config::{hash_scheme, password_matches};
 use super::*;
 use crate::error::{Error, ErrorCode};
+use crate::host::KeyValue;
 use crate::request::header_str;
+use crate::throttle::LoginThrottle;
 
 // ---------------------------------------------------------------------------------------------
 // Rules
@@ -240,16 +242,18 @@ impl AuthConfig {
     ///   challenge carrying `error="insufficient_scope"` (the client fetches a token for it);
     /// - a known user who may not do this: 403 `DENIED`, no challenge.
     ///
-    /// Nothing here reads storage: the answer is the same whether the repository exists or not.
+    /// Nothing here reads the repositories: the answer is the same whether the repository
+    /// exists or not. Only the failed-login counts of `throttle` are read (and written).
     ///
     /// Basic credentials are checked through `checks` (inline without it): a busy check queue
-    /// answers 429 `TOOMANYREQUESTS`.
-    pub(crate) async fn authorize(
+    /// answers 429 `TOOMANYREQUESTS`, and so does `throttle` after too many failures.
+    pub(crate) async fn authorize<K: KeyValue>(
         self: &Arc<Self>,
         parts: &http::request::Parts,
         need: &Need,
         now: u64,
         checks: Option<&dyn PasswordChecks>,
+        throttle: &LoginThrottle<'_, K>,
     ) -> Result<Caller, Error> {
         let authz = header_str(&parts.headers, header::AUTHORIZATION).unwrap_or("");
         let (scheme, cred) = authz.split_once(' ').unwrap_or((authz, ""));
@@ -269,7 +273,10 @@ impl AuthConfig {
             let Some((user, password)) = decode_basic(cred) else {
                 return Err(self.challenge(parts, need, None, "malformed Basic credentials"));
             };
-            if !self.verify_password(checks, &user, &password).await? {
+            if !self
+                .verify_password(checks, throttle, &user, &password)
+                .await?
+            {
                 return Err(self.challenge(parts, need, None, "invalid username or password"));
             }
             let caller = Caller {
@@ -321,9 +328,23 @@ impl AuthConfig {
         Err(self.challenge(parts, need, None, "unsupported authorization scheme"))
     }
 
-    /// [`Self::check_password`], run where `checks` says (inline without it). `Err`: 429, when
-    /// too many checks are running or waiting.
-    pub(super) async fn verify_password(
+    /// [`Self::check_password`], run where `checks` says (inline without it), unless
+    /// `throttle` refuses it, and counted by `throttle`. `Err`: 429, when too many logins
+    /// failed or too many checks are running or waiting.
+    pub(super) async fn verify_password<K: KeyValue>(
+        self: &Arc<Self>,
+        checks: Option<&dyn PasswordChecks>,
+        throttle: &LoginThrottle<'_, K>,
+        user: &str,
+        password: &str,
+    ) -> Result<bool, Error> {
+        let admitted = throttle.admit(user).await?;
+        let ok = self.run_check(checks, user, password).await?;
+        throttle.record(user, ok, admitted).await?;
+        Ok(ok)
+    }
+
+    async fn run_check(
         self: &Arc<Self>,
         checks: Option<&dyn PasswordChecks>,
         user: &str,

@@ -12,7 +12,9 @@ use sha2::Sha256;
 use super::rules::decode_basic;
 use super::*;
 use crate::error::{Error, ErrorCode};
+use crate::host::KeyValue;
 use crate::request::{Query, header_str};
+use crate::throttle::LoginThrottle;
 
 // ---------------------------------------------------------------------------------------------
 // Tokens
@@ -239,12 +241,13 @@ impl AuthConfig {
     /// `GET /token` (docker token spec) and `POST /token` (its OAuth2 form: `grant_type` of
     /// `password` or `refresh_token`). `form` is the POST body, already read.
     /// Passwords are checked through `checks` (inline without it).
-    pub(crate) async fn token_endpoint(
+    pub(crate) async fn token_endpoint<K: KeyValue>(
         self: &Arc<Self>,
         parts: &http::request::Parts,
         form: Option<&[u8]>,
         now: u64,
         checks: Option<&dyn PasswordChecks>,
+        throttle: &LoginThrottle<'_, K>,
     ) -> Result<(StatusCode, Vec<u8>), Error> {
         if self.secret.is_none() {
             return Err(Error::not_found(
@@ -278,7 +281,7 @@ impl AuthConfig {
                             return Err(bad_credentials());
                         }
                         let (u, p) = decode_basic(cred.trim()).ok_or_else(bad_credentials)?;
-                        if !self.verify_password(checks, &u, &p).await? {
+                        if !self.verify_password(checks, throttle, &u, &p).await? {
                             return Err(bad_credentials());
                         }
                         Some(u)
@@ -295,7 +298,7 @@ impl AuthConfig {
                     Some("password") => {
                         let u = f.get("username").unwrap_or("");
                         let p = f.get("password").unwrap_or("");
-                        if !self.verify_password(checks, u, p).await? {
+                        if !self.verify_password(checks, throttle, u, p).await? {
                             return Err(bad_credentials());
                         }
                         Some(u.to_owned())
