@@ -746,7 +746,9 @@ async fn garbage_create_multipart_answer_is_a_500() {
 }
 
 /// CompleteMultipartUpload answering 200 and then XML cut off, or an `<Error>` (S3 may fail
-/// after its 200): a 5xx, no blob. The cut-off answer must not pass for a success.
+/// after its 200): a 5xx, no blob. Both where a monolithic push writes its body, and where the
+/// closing PUT of a chunked upload assembles the blob itself (there, a cut-off answer taken
+/// for a success would link a blob the store does not have).
 #[tokio::test]
 async fn garbage_complete_multipart_answers_are_5xx() {
     for fault in [Fault::CompleteTruncated, Fault::CompleteError] {
@@ -758,6 +760,29 @@ async fn garbage_complete_multipart_answers_are_5xx() {
             .await;
         assert!(fake.saw("POST", &["uploadId="]), "{fault:?}: no completion");
         assert!(fake.blobs().is_empty(), "{fault:?}: {:?}", fake.blobs());
+
+        // Two small chunks: each is one PutObject; the closing PUT makes the blob with a
+        // multipart upload, whose completion is the fault.
+        let data = pseudo_random(3000, 26);
+        let d = sha256(&data);
+        let mut loc = s.start("c").await;
+        for (a, b) in [(0, 1000), (1000, 3000)] {
+            let r = s
+                .send(
+                    Method::PATCH,
+                    &loc,
+                    &[("content-range", &format!("{a}-{}", b - 1))],
+                    data[a..b].to_vec(),
+                )
+                .await;
+            assert_eq!(r.status, 202);
+            loc = r.header("location").unwrap().to_owned();
+        }
+        let r = s
+            .send(Method::PUT, &format!("{loc}?digest={d}"), &[], vec![])
+            .await;
+        s.assert_failed_invisible(&format!("{fault:?}, chunked"), &r, "c", &d)
+            .await;
     }
 }
 
