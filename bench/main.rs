@@ -6,6 +6,7 @@
 //! cargo run --release --example bench     # start dockside (with and without fsync) and distribution
 //! cargo run --release --example bench -- --rounds 5 --size-mib 1024 --seconds 10
 //! cargo run --release --example bench -- --url name=http://127.0.0.1:5000[,pid=1234] ...
+//! cargo run --release --example bench -- --s3-only --rounds 3   # only the S3 section
 //! ```
 //!
 //! Prints one line per figure (min / median / max over the rounds). Blobs are fresh random
@@ -13,6 +14,13 @@
 //! `/proc/<pid>/stat` and peak RSS from sampling `/proc/<pid>/status`, for the registries it
 //! starts (or is given a pid for). Needs `docker-registry`, `hey`, `iperf3` and `openssl`
 //! (`apt-get install docker-registry hey iperf3 openssl`).
+//!
+//! The S3 section (unless `--no-s3`) starts a single-node Garage (`DOCKSIDE_GARAGE`, else where
+//! `.ci/garage` installs it) and measures, on it: a monolithic push and a pull through dockside
+//! (`--blobs s3://`, `--blob-redirect`: the pull follows a 307 to Garage), the same through
+//! distribution's `s3` storage driver (its redirects on, as by default), and Garage's own rate
+//! for the same bytes (one signed PUT and GET of the object, no registry), with Garage's CPU
+//! beside each so the figures say what bounds them.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -31,6 +39,8 @@ struct Opts {
     seconds: u64,
     connections: usize,
     urls: Vec<(String, String, Option<u32>)>,
+    s3: bool,
+    local: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -41,6 +51,8 @@ fn parse_opts() -> Opts {
         seconds: 10,
         connections: 16,
         urls: Vec::new(),
+        s3: true,
+        local: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -67,6 +79,8 @@ fn parse_opts() -> Opts {
                 o.urls
                     .push((name.to_owned(), url.trim_end_matches('/').to_owned(), pid));
             }
+            "--no-s3" => o.s3 = false,
+            "--s3-only" => o.local = false,
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -80,7 +94,8 @@ fn usage(msg: &str) -> ! {
     }
     eprintln!(
         "usage: cargo run --release --example bench -- [--rounds N] [--size-mib N] [--chunk-mib N] \
-         [--seconds N] [--connections N] [--url name=http://host:port[,pid=N]]..."
+         [--seconds N] [--connections N] [--url name=http://host:port[,pid=N]]... \
+         [--no-s3 | --s3-only]"
     );
     std::process::exit(2)
 }
@@ -119,6 +134,15 @@ fn wait_listening(port: u16) {
 }
 
 fn start_dockside(dir: &std::path::Path, name: &str, extra: &[&str]) -> Target {
+    start_dockside_env(dir, name, extra, &[])
+}
+
+fn start_dockside_env(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Target {
     let exe = std::env::current_exe().unwrap();
     // target/release/examples/bench -> target/release/dockside
     let bin = exe.parent().unwrap().parent().unwrap().join("dockside");
@@ -132,6 +156,7 @@ fn start_dockside(dir: &std::path::Path, name: &str, extra: &[&str]) -> Target {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(dir.join(format!("{name}-data")))
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -168,6 +193,136 @@ fn start_distribution(dir: &std::path::Path) -> Target {
     wait_listening(port);
     Target {
         name: "distribution".into(),
+        base: format!("http://127.0.0.1:{port}"),
+        pid: Some(child.id()),
+        _child: Some(ChildGuard(child)),
+    }
+}
+
+/// A single-node Garage of the bench's own, with one bucket and one key.
+struct Garage {
+    endpoint: String,
+    bucket: String,
+    access_key: String,
+    secret_key: String,
+    pid: Option<u32>,
+    _child: ChildGuard,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).unwrap();
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn start_garage(dir: &std::path::Path) -> Garage {
+    let bin = std::env::var("DOCKSIDE_GARAGE").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/dockside-ci/garage-2.5.0/bin/garage",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
+    assert!(
+        std::path::Path::new(&bin).exists(),
+        "no Garage at {bin}: `bash .ci/garage` installs it (or set DOCKSIDE_GARAGE, or pass --no-s3)"
+    );
+    let gdir = dir.join("garage");
+    std::fs::create_dir_all(&gdir).unwrap();
+    let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+    let config = gdir.join("garage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+             [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+             root_domain = \".s3.garage.localhost\"\n\n[admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+            d = gdir.display(),
+            secret = random_hex(32),
+        ),
+    )
+    .unwrap();
+    let access_key = format!("GK{}", random_hex(12));
+    let secret_key = random_hex(32);
+    let bucket = "bench".to_owned();
+    let log = std::fs::File::create(gdir.join("log")).unwrap();
+    let child = Command::new(&bin)
+        .arg("-c")
+        .arg(&config)
+        .args(["server", "--single-node", "--default-bucket"])
+        .env("GARAGE_DEFAULT_ACCESS_KEY", &access_key)
+        .env("GARAGE_DEFAULT_SECRET_KEY", &secret_key)
+        .env("GARAGE_DEFAULT_BUCKET", &bucket)
+        // Request lines at info cost Garage time; the bench wants its rate, not its log.
+        .env("RUST_LOG", "garage=warn,netapp=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start Garage");
+    let pid = Some(child.id());
+    let guard = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let healthy = || {
+        use std::io::{BufRead, Write};
+        let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", admin)) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        if c.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut line = String::new();
+        std::io::BufReader::new(c).read_line(&mut line).is_ok() && line.contains(" 200 ")
+    };
+    while !(healthy() && std::net::TcpStream::connect(("127.0.0.1", s3)).is_ok()) {
+        assert!(Instant::now() < deadline, "Garage did not become healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Garage {
+        endpoint: format!("http://127.0.0.1:{s3}"),
+        bucket,
+        access_key,
+        secret_key,
+        pid,
+        _child: guard,
+    }
+}
+
+/// distribution with its `s3` storage driver on `g`, under its own root directory. Its
+/// redirects stay on (the default): a blob GET is a 307 to a presigned URL, as dockside's with
+/// `--blob-redirect`.
+fn start_distribution_s3(dir: &std::path::Path, g: &Garage) -> Target {
+    let port = free_port();
+    let config = dir.join("distribution-s3.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  s3:\n    accesskey: {}\n    secretkey: {}\n    region: garage\n\
+             \x20   regionendpoint: {}\n    forcepathstyle: true\n    bucket: {}\n\
+             \x20   rootdirectory: /distribution\n    secure: false\n    v4auth: true\n\
+             \x20 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            g.access_key, g.secret_key, g.endpoint, g.bucket
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("distribution-s3.log")).unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        // With AWS_CA_BUNDLE set (some machines set it for every tool), distribution 2.8.2
+        // panics at start ("unable to load custom CA bundle, HTTPClient's transport
+        // unsupported type"); the endpoint here is plain http anyway.
+        .env_remove("AWS_CA_BUNDLE")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start docker-registry (apt-get install docker-registry)");
+    wait_listening(port);
+    Target {
+        name: "distrib-s3".into(),
         base: format!("http://127.0.0.1:{port}"),
         pid: Some(child.id()),
         _child: Some(ChildGuard(child)),
@@ -634,6 +789,222 @@ async fn measure(t: &Target, o: &Opts) -> Results {
     r
 }
 
+/// The S3 section's figures for one registry (or Garage alone).
+struct S3Results {
+    name: String,
+    push: Figure,
+    push_cpu: Figure,
+    push_rss: Figure,
+    push_garage_cpu: Figure,
+    pull: Figure,
+    pull_cpu: Figure,
+    pull_garage_cpu: Figure,
+}
+
+impl S3Results {
+    fn new(name: &str) -> Self {
+        S3Results {
+            name: name.into(),
+            push: Figure::new(),
+            push_cpu: Figure::new(),
+            push_rss: Figure::new(),
+            push_garage_cpu: Figure::new(),
+            pull: Figure::new(),
+            pull_cpu: Figure::new(),
+            pull_garage_cpu: Figure::new(),
+        }
+    }
+
+    fn print(&self) {
+        let n = &self.name;
+        // Garage alone has no registry: its registry lines would be empty.
+        let registry = self.push_cpu.values.iter().any(|v| v.is_finite());
+        let (push, pull) = if registry {
+            ("push monolithic to S3", "pull from S3 (following the 307)")
+        } else {
+            (
+                "one signed PUT of the object",
+                "one signed GET of the object",
+            )
+        };
+        line(n, push, &self.push, "MB/s");
+        if registry {
+            line(n, "  server CPU", &self.push_cpu, "CPU-s/GiB");
+            line(n, "  server peak RSS over idle", &self.push_rss, "MiB");
+        }
+        line(n, "  Garage CPU", &self.push_garage_cpu, "CPU-s/GiB");
+        line(n, pull, &self.pull, "MB/s");
+        if registry {
+            line(n, "  server CPU", &self.pull_cpu, "CPU-s/GiB");
+        }
+        line(n, "  Garage CPU", &self.pull_garage_cpu, "CPU-s/GiB");
+    }
+}
+
+/// A registry on Garage: monolithic pushes and redirected pulls of fresh blobs.
+async fn measure_s3(t: &Target, g: &Garage, o: &Opts) -> S3Results {
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    // The pull must be a redirect: checked once with a client that does not follow.
+    let no_follow = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let size = o.size_mib * MIB;
+    let gib = size as f64 / (1024.0 * MIB as f64);
+    let mb = size as f64 / 1e6;
+    let mut r = S3Results::new(&t.name);
+    for round in 0..o.rounds {
+        let repo = format!("bench/s3r{round}");
+        let gen_ = Gen {
+            seed: random_seed(),
+            size,
+        };
+        let d = gen_.digest();
+        let idle = t.pid.map_or(0, rss_kib);
+        let sampler = RssSampler::start(t.pid);
+        let (cpu0, gcpu0) = (cpu_secs(t.pid), cpu_secs(g.pid));
+        let t0 = Instant::now();
+        push_monolithic(&c, t, &repo, gen_, &d).await;
+        let secs = t0.elapsed().as_secs_f64();
+        r.push_cpu.values.push((cpu_secs(t.pid) - cpu0) / gib);
+        r.push_garage_cpu
+            .values
+            .push((cpu_secs(g.pid) - gcpu0) / gib);
+        let peak = sampler.finish();
+        r.push.values.push(mb / secs);
+        r.push_rss.values.push(if t.pid.is_some() {
+            peak.saturating_sub(idle) as f64 / 1024.0
+        } else {
+            f64::NAN
+        });
+        if round == 0 {
+            let resp = no_follow
+                .get(format!("{}/v2/{repo}/blobs/{d}", t.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.status(),
+                307,
+                "{}: a blob GET is not a redirect",
+                t.name
+            );
+        }
+        let (cpu0, gcpu0) = (cpu_secs(t.pid), cpu_secs(g.pid));
+        let t0 = Instant::now();
+        pull(&c, t, &repo, &d, size).await;
+        let secs = t0.elapsed().as_secs_f64();
+        r.pull.values.push(mb / secs);
+        r.pull_cpu.values.push((cpu_secs(t.pid) - cpu0) / gib);
+        r.pull_garage_cpu
+            .values
+            .push((cpu_secs(g.pid) - gcpu0) / gib);
+        eprintln!("  {} S3 round {} done", t.name, round + 1);
+    }
+    r
+}
+
+/// Garage alone: one presigned PUT of the whole object (streamed, like the registries' pushes
+/// receive it) and one GET, with Garage's CPU: the rate the registries' S3 figures are bounded by.
+async fn measure_garage(g: &Garage, o: &Opts) -> S3Results {
+    use rusty_s3::S3Action as _;
+    let bucket = rusty_s3::Bucket::new(
+        g.endpoint.parse().unwrap(),
+        rusty_s3::UrlStyle::Path,
+        g.bucket.clone(),
+        "garage".to_owned(),
+    )
+    .unwrap();
+    let creds = rusty_s3::Credentials::new(&g.access_key, &g.secret_key);
+    let c = reqwest::Client::builder().no_proxy().build().unwrap();
+    let size = o.size_mib * MIB;
+    let gib = size as f64 / (1024.0 * MIB as f64);
+    let mb = size as f64 / 1e6;
+    let mut r = S3Results::new("garage alone");
+    for round in 0..o.rounds {
+        let key = format!("direct/r{round}");
+        let gen_ = Gen {
+            seed: random_seed(),
+            size,
+        };
+        let url = rusty_s3::actions::PutObject::new(&bucket, Some(&creds), &key)
+            .sign(Duration::from_secs(3600));
+        let gcpu0 = cpu_secs(g.pid);
+        let t0 = Instant::now();
+        let resp = c
+            .put(url.as_str())
+            .header("content-length", size)
+            .body(gen_.body(0, size))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "Garage PUT: {}", resp.status());
+        r.push.values.push(mb / t0.elapsed().as_secs_f64());
+        r.push_garage_cpu
+            .values
+            .push((cpu_secs(g.pid) - gcpu0) / gib);
+        let url = rusty_s3::actions::GetObject::new(&bucket, Some(&creds), &key)
+            .sign(Duration::from_secs(3600));
+        let gcpu0 = cpu_secs(g.pid);
+        let t0 = Instant::now();
+        let resp = c.get(url.as_str()).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "Garage GET");
+        let mut s = resp.bytes_stream();
+        let mut n = 0u64;
+        while let Some(b) = s.next().await {
+            n += b.unwrap().len() as u64;
+        }
+        assert_eq!(n, size, "Garage GET length");
+        r.pull.values.push(mb / t0.elapsed().as_secs_f64());
+        r.pull_garage_cpu
+            .values
+            .push((cpu_secs(g.pid) - gcpu0) / gib);
+    }
+    r
+}
+
+/// The S3 section: Garage alone, then dockside and distribution on it.
+async fn s3_section(dir: &std::path::Path, o: &Opts) {
+    let g = start_garage(dir);
+    println!(
+        "\n# S3: {} MiB blobs on a single-node Garage 2.5.0 (same machine), pulls follow a 307 to Garage",
+        o.size_mib
+    );
+    let url = format!(
+        "s3://{}/dockside?endpoint={}&region=garage",
+        g.bucket, g.endpoint
+    );
+    let garage = measure_garage(&g, o).await;
+    garage.print();
+    let d = start_dockside_env(
+        dir,
+        "dockside-s3",
+        &["--blobs", &url, "--blob-redirect", "600"],
+        &[
+            ("DOCKSIDE_S3_ACCESS_KEY", &g.access_key),
+            ("DOCKSIDE_S3_SECRET_KEY", &g.secret_key),
+        ],
+    );
+    let ds = measure_s3(&d, &g, o).await;
+    ds.print();
+    drop(d);
+    let dist = start_distribution_s3(dir, &g);
+    let di = measure_s3(&dist, &g, o).await;
+    di.print();
+    println!();
+    let names = ("dockside-s3", "distrib-s3");
+    ratio("S3 push MB/s", &ds.push, &di.push, true, names);
+    ratio("S3 push CPU/GiB", &ds.push_cpu, &di.push_cpu, false, names);
+    ratio("S3 pull MB/s", &ds.pull, &di.pull, true, names);
+    let (_, gp, _) = garage.push.stats();
+    let (_, dp, _) = ds.push.stats();
+    println!(
+        "bound         dockside-s3 push / Garage's own PUT rate  {:>10.2}x",
+        dp / gp
+    );
+}
+
 fn machine_limits(dir: &std::path::Path) {
     println!("\n# the machine (same run)");
     // SHA-256 throughput, 16 KiB blocks.
@@ -718,7 +1089,9 @@ fn ratio(what: &str, a: &Figure, b: &Figure, higher_is_better: bool, names: (&st
 async fn main() {
     let o = parse_opts();
     let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
-    let targets: Vec<Target> = if o.urls.is_empty() {
+    let targets: Vec<Target> = if !o.local {
+        Vec::new()
+    } else if o.urls.is_empty() {
         vec![
             start_dockside(dir.path(), "dockside", &[]),
             start_dockside(dir.path(), "dockside-nofs", &["--no-fsync"]),
@@ -788,8 +1161,9 @@ async fn main() {
         all.push(r);
     }
     // Every registry against the last one (distribution, when the bench starts them).
-    let b = all.last().expect("at least one registry");
-    for a in &all[..all.len() - 1] {
+    let others: &[Results] = all.split_last().map_or(&[], |(_, o)| o);
+    for a in others {
+        let b = all.last().expect("a last registry");
         let names = (a.name.as_str(), b.name.as_str());
         println!();
         ratio(
@@ -826,6 +1200,9 @@ async fn main() {
             ratio(&format!("{what} req/s"), ra, rb, true, names);
             ratio(&format!("{what} CPU/req"), ca, cb, false, names);
         }
+    }
+    if o.s3 && o.urls.is_empty() {
+        s3_section(dir.path(), &o).await;
     }
     machine_limits(dir.path());
 }

@@ -509,7 +509,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         size: u64,
     ) -> Result<()> {
         let dest = layout::blob_data(digest);
-        if self.blobs.size(&dest).await?.is_some() {
+        // An object of another size under that name is not this blob (a write cut short
+        // elsewhere, a store gone wrong): it is replaced, not trusted.
+        if self.blobs.size(&dest).await? == Some(size) {
             // Content-addressed: the same bytes are already stored.
             for p in parts {
                 self.blobs.delete(p).await?;

@@ -344,7 +344,11 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("CopyObject", status, resp).await);
         }
-        deferred_error("CopyObject", &read_answer(resp.into_body()).await?)
+        answer_result(
+            "CopyObject",
+            &read_answer(resp.into_body()).await?,
+            "CopyObjectResult",
+        )
     }
 
     /// `x-amz-copy-source`: `/<bucket>/<key>`, the key URL-encoded.
@@ -472,9 +476,10 @@ impl<C: HttpClient> S3Blobs<C> {
         if !status.is_success() {
             return Err(self.failure("CompleteMultipartUpload", status, resp).await);
         }
-        deferred_error(
+        answer_result(
             "CompleteMultipartUpload",
             &read_answer(resp.into_body()).await?,
+            "CompleteMultipartUploadResult",
         )
     }
 
@@ -732,12 +737,20 @@ where
 }
 
 /// `CopyObject` and `CompleteMultipartUpload` can fail after their `200` has been sent: the
-/// error is then in the body.
-fn deferred_error(op: &str, answer: &str) -> Result<(), StoreError> {
+/// error is then in the body (S3 API reference, CompleteMultipartUpload: "a 200 OK response
+/// can contain valid or invalid XML"). Success is the whole `<result>` element, so an answer
+/// cut off or garbled is a failure too, never a blob taken for stored.
+fn answer_result(op: &str, answer: &str, result: &str) -> Result<(), StoreError> {
     if answer.contains("<Error>") {
         return Err(StoreError::unavailable(format!(
             "S3 {op} failed: {}",
             xml_field(answer, "Code").unwrap_or_default()
+        )));
+    }
+    if !answer.contains(&format!("</{result}>")) {
+        let head: String = answer.chars().take(200).collect();
+        return Err(StoreError::new(format!(
+            "S3 {op}: bad answer (no {result}): {head:?}"
         )));
     }
     Ok(())

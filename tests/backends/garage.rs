@@ -19,6 +19,8 @@ pub struct Garage {
     pub access_key: String,
     pub secret_key: String,
     pub region: String,
+    /// Garage's own log (one line per S3 request), when the test started it.
+    pub log: Option<std::path::PathBuf>,
     _guard: Option<Mutex<(Child, ChildStdin)>>,
 }
 
@@ -67,6 +69,7 @@ pub fn garage() -> &'static Garage {
                 access_key: var("ACCESS_KEY"),
                 secret_key: var("SECRET_KEY"),
                 region: var("REGION"),
+                log: None,
                 _guard: None,
             }
         }
@@ -145,6 +148,7 @@ kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$2""#
         access_key,
         secret_key,
         region: "garage".into(),
+        log: Some(dir.join("log")),
         _guard: Some(Mutex::new((child, stdin))),
     }
 }
@@ -164,6 +168,16 @@ fn healthy(admin: u16) -> bool {
 }
 
 impl Garage {
+    /// What Garage has logged so far (requests: `ADDR (key K) METHOD URI`, query included).
+    /// Panics for an outside S3 server, whose requests this process cannot see.
+    pub fn log_text(&self) -> String {
+        let path = self
+            .log
+            .as_ref()
+            .expect("Garage's log: not available with DOCKSIDE_TEST_S3_ENDPOINT");
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     /// An `s3://` URL for this Garage's bucket under `prefix`, and the settings it needs.
     pub fn url(&self, prefix: &str) -> String {
         format!(

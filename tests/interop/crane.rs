@@ -7,8 +7,9 @@ use std::process::Command;
 
 use crate::interop::image::{self, OCI_INDEX, Rng, random_image, write_layout};
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry, get, require_tool,
-    requires_auth, run, run_failing, sha256, skip, tools_dir,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry,
+    assert_pull_followed_redirects, get, require_tool, requires_auth, run, run_failing, seed_image,
+    sha256, skip, tools_dir,
 };
 
 fn crane_bin() -> PathBuf {
@@ -246,4 +247,33 @@ fn crane_auth_login_push_catalog() {
     anon.env("DOCKER_CONFIG", tmp.path().join("empty"))
         .args(["--insecure", "manifest", &dest]);
     run_failing("anonymous manifest of a private image", &mut anon);
+}
+
+/// Blobs in Garage behind `--blob-redirect`: `crane pull --format oci` gets every blob through
+/// a 307 to a presigned URL, byte for byte, and Garage served them. See
+/// `assert_pull_followed_redirects`.
+#[test]
+fn crane_pull_follows_blob_redirects() {
+    if skip("crane") {
+        return;
+    }
+    let reg = Registry::start_s3_redirect();
+    let (img, digests) = seed_image(&reg, "redirect/crane");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out = tmp.path().join("layout");
+    crane(&[
+        "pull",
+        "--format",
+        "oci",
+        &format!("{}/redirect/crane:v1", reg.host()),
+        out.to_str().expect("utf-8"),
+    ]);
+    for b in img.layers.iter().chain([&img.config]) {
+        assert!(
+            image::read_layout_blob(&out, &b.digest) == b.data,
+            "{} differs",
+            b.digest
+        );
+    }
+    assert_pull_followed_redirects(&reg, "redirect/crane", &digests);
 }

@@ -10,6 +10,11 @@
 
 pub mod image;
 
+// Garage, for the runs with blobs in S3 and `--blob-redirect` (the same harness as
+// `.ci/backends`' suites).
+#[path = "../backends/garage.rs"]
+pub mod garage;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -219,6 +224,11 @@ pub struct Registry {
 impl Registry {
     /// Starts a server with extra `args` after `serve --listen 127.0.0.1:0 --data DIR`.
     pub fn start_with(args: &[&str]) -> Registry {
+        Registry::start_with_env(args, &[])
+    }
+
+    /// [`Registry::start_with`], with `env` set in the server's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Registry {
         let data = tempfile::Builder::new()
             .prefix("dockside-interop-")
             .tempdir()
@@ -239,6 +249,7 @@ impl Registry {
             }
         }
         cmd.env("DOCKSIDE_LOG", "info");
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("spawn the dockside binary");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Log::default());
@@ -311,6 +322,21 @@ impl Registry {
         Registry::start_with(&[])
     }
 
+    /// A server whose blobs live in Garage (a bucket of this test process, under a fresh
+    /// prefix) and whose blob GETs answer 307 to presigned URLs valid [`REDIRECT_SECS`]:
+    /// clients must follow the redirect to get any blob bytes.
+    pub fn start_s3_redirect() -> Registry {
+        let g = garage::garage();
+        let url = g.url(&format!("{}/", garage::unique_prefix()));
+        Registry::start_with_env(
+            &["--blobs", &url, "--blob-redirect", REDIRECT_SECS],
+            &[
+                ("DOCKSIDE_S3_ACCESS_KEY", &g.access_key),
+                ("DOCKSIDE_S3_SECRET_KEY", &g.secret_key),
+            ],
+        )
+    }
+
     /// A server with access control on (`--config`, see [`AUTH_CONFIG`]): [`AUTH_USER`] may do
     /// everything (catalog included), everyone may pull `public/*`. The returned directory holds
     /// the configuration; keep it while the server runs.
@@ -378,6 +404,68 @@ impl Drop for Registry {
             );
         }
     }
+}
+
+/// The lifetime of the presigned URLs of [`Registry::start_s3_redirect`]. dockside signs its
+/// own requests to the store for 300 s, so a Garage request carrying `X-Amz-Expires=` this
+/// value was made with a URL dockside handed out in a 307: by the client, following it.
+pub const REDIRECT_SECS: &str = "171";
+
+/// Proves that a client's pull of the blobs `digests` from `repo` on a
+/// [`Registry::start_s3_redirect`] server followed the redirects: dockside answered every blob
+/// GET of `repo` with a 307 (it served no blob bytes itself, so the bytes the test checked came
+/// from the store), each of `digests` was asked for, and Garage served a GET of each blob's
+/// object through a redirect URL (its own log, told apart by the URL's lifetime).
+pub fn assert_pull_followed_redirects(reg: &Registry, repo: &str, digests: &[String]) {
+    let log = reg.log_lines();
+    let blob_gets: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains(&format!(" GET /v2/{repo}/blobs/sha")))
+        .collect();
+    let served: Vec<&&String> = blob_gets.iter().filter(|l| !l.contains(" 307 ")).collect();
+    assert!(
+        served.is_empty(),
+        "blob GETs of {repo} not answered by a redirect:\n{}",
+        log.join("\n")
+    );
+    let garage_log = garage::garage().log_text();
+    for d in digests {
+        assert!(
+            blob_gets
+                .iter()
+                .any(|l| l.contains(&format!("/blobs/{d} 307 "))),
+            "the client never asked dockside for {d} in {repo}:\n{}",
+            log.join("\n")
+        );
+        let hex = d.strip_prefix("sha256:").expect("a sha256 digest");
+        let key = format!("/blobs/sha256/{}/{hex}?", &hex[..2]);
+        let expires = format!("X-Amz-Expires={REDIRECT_SECS}");
+        assert!(
+            garage_log
+                .lines()
+                .any(|l| l.contains(" GET /") && l.contains(&key) && l.contains(&expires)),
+            "Garage served no GET of {d} through a redirect URL; its log:\n{}",
+            garage_log
+                .lines()
+                .filter(|l| l.contains(" GET /"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// A small random image (two layers), pushed over HTTP to `repo:v1` on `reg` for a client to
+/// pull, and the digests a pull must fetch (layers and config).
+pub fn seed_image(reg: &Registry, repo: &str) -> (image::Image, Vec<String>) {
+    let img = image::random_image(&mut image::Rng::from_entropy(), "linux", "amd64", 2);
+    push_image(&reg.base_url(), repo, "v1", &img);
+    let digests = img
+        .layers
+        .iter()
+        .chain([&img.config])
+        .map(|b| b.digest.clone())
+        .collect();
+    (img, digests)
 }
 
 /// The user of [`Registry::start_with_auth`] and their password.

@@ -10,8 +10,9 @@ use crate::interop::image::{
     self, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Rng, random_image,
 };
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry, get, push_index,
-    require_tool, requires_auth, run, run_failing, sha256, skip, tags, version_of,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Output, Registry,
+    assert_pull_followed_redirects, get, push_index, require_tool, requires_auth, run, run_failing,
+    seed_image, sha256, skip, tags, version_of,
 };
 
 /// podman or buildah with storage under `dir`.
@@ -401,4 +402,31 @@ fn podman_login_push_pull_logout() {
     sh("podman", &store, &["logout", "--authfile", authfile, &host]);
     sh("podman", &store, &["rmi", &image]);
     run_failing("pull after logout", tool("podman", &store).args(pull));
+}
+
+/// Blobs in Garage behind `--blob-redirect`: `podman pull` gets every blob through a 307 to a
+/// presigned URL (podman checks each digest; the image is the one pushed), and Garage served
+/// them. See `assert_pull_followed_redirects`.
+#[test]
+fn podman_pull_follows_blob_redirects() {
+    if skip("podman") {
+        return;
+    }
+    let work = tempfile::Builder::new()
+        .prefix("dspod-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let store = work.path().join("store");
+    std::fs::create_dir_all(store.join("tmp")).expect("mkdir");
+    let reg = Registry::start_s3_redirect();
+    let (img, digests) = seed_image(&reg, "redirect/podman");
+    let image = format!("{}/redirect/podman:v1", reg.host());
+    sh("podman", &store, &["pull", "--tls-verify=false", &image]);
+    let id = sh(
+        "podman",
+        &store,
+        &["image", "inspect", "--format", "{{.Id}}", &image],
+    );
+    assert_eq!(format!("sha256:{}", id.stdout.trim()), img.config.digest);
+    assert_pull_followed_redirects(&reg, "redirect/podman", &digests);
 }

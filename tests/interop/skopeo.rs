@@ -8,8 +8,8 @@ use crate::interop::image::{
     self, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Rng, random_image, write_layout,
 };
 use crate::interop::{
-    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Registry, get, require_tool, requires_auth,
-    run, run_failing, sha256, skip,
+    ACCEPT_ALL_MANIFESTS, AUTH_PASSWORD, AUTH_USER, Registry, assert_pull_followed_redirects, get,
+    require_tool, requires_auth, run, run_failing, seed_image, sha256, skip,
 };
 
 fn skopeo() -> Command {
@@ -319,4 +319,30 @@ fn skopeo_with_credentials() {
     // And back out with credentials.
     let back = tmp.path().join("back");
     copy(&["--src-creds", &creds], &private, &oci_ref(&back, "v1"));
+}
+
+/// Blobs in Garage behind `--blob-redirect`: `skopeo copy` to an OCI layout gets every blob
+/// through a 307 to a presigned URL, byte for byte, and Garage served them. See
+/// `assert_pull_followed_redirects`.
+#[test]
+fn skopeo_copy_follows_blob_redirects() {
+    if skip("skopeo") {
+        return;
+    }
+    let reg = Registry::start_s3_redirect();
+    let (img, digests) = seed_image(&reg, "redirect/skopeo");
+    let tmp = tempfile::tempdir().expect("tmp");
+    copy(
+        &[],
+        &format!("docker://{}/redirect/skopeo:v1", reg.host()),
+        &oci_ref(tmp.path(), "v1"),
+    );
+    for b in img.layers.iter().chain([&img.config]) {
+        assert!(
+            image::read_layout_blob(tmp.path(), &b.digest) == b.data,
+            "{} differs",
+            b.digest
+        );
+    }
+    assert_pull_followed_redirects(&reg, "redirect/skopeo", &digests);
 }
