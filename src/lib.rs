@@ -50,6 +50,7 @@ pub mod layout;
 mod lists;
 mod manifests;
 mod names;
+pub mod observe;
 mod registry;
 mod request;
 mod uploads;
