@@ -15,7 +15,7 @@ use crate::interop::{
 };
 
 /// podman or buildah with storage under `dir`.
-fn tool(name: &str, dir: &Path) -> Command {
+pub(crate) fn tool(name: &str, dir: &Path) -> Command {
     let bin = require_tool(name, &[PathBuf::from(name)]);
     let mut c = Command::new(bin);
     c.arg("--root")
