@@ -39,7 +39,7 @@ fn sh(name: &str, dir: &Path, args: &[&str]) -> Output {
 }
 
 /// A build context with a Containerfile copying two random files into a scratch image.
-fn context(rng: &mut Rng, dir: &Path) -> Vec<u8> {
+pub(crate) fn context(rng: &mut Rng, dir: &Path) -> Vec<u8> {
     std::fs::create_dir_all(dir).expect("mkdir");
     let a = rng.bytes(150_000);
     std::fs::write(dir.join("a.bin"), &a).expect("write");
