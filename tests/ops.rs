@@ -206,7 +206,7 @@ async fn trusted_by(ca: &TestCa, url: &str) -> bool {
 async fn certificate_is_reloaded_when_its_files_change_and_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let first = TestCa::new("first CA");
-    let s = tls_server(&first, dir.path(), &[]);
+    let s = tls_server(&first, dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
     let url = s.url("/v2/");
     assert!(trusted_by(&first, &url).await);
 
@@ -232,6 +232,19 @@ async fn certificate_is_reloaded_when_its_files_change_and_on_sighup() {
     );
     s.wait_for_log("loaded the certificate", Duration::from_secs(1));
     assert_eq!(kept.get(&url).send().await.unwrap().status(), 200);
+    let m = client()
+        .get(metrics_url(&s))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&m, "dockside_tls_certificate_reloads_total"),
+        1.0,
+        "{m}"
+    );
 
     // A broken pair (a key that is not the certificate's) is refused; the current one stays.
     let (_, other_key) = TestCa::new("third CA").issue();
@@ -346,7 +359,14 @@ async fn a_client_that_never_handshakes_loses_its_slot() {
     let s = tls_server(
         &ca,
         dir.path(),
-        &["--max-connections", "1", "--tls-handshake-timeout", "1"],
+        &[
+            "--max-connections",
+            "1",
+            "--tls-handshake-timeout",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
     );
     // The only slot: a TCP connection that never sends a ClientHello.
     let mut idle = TcpStream::connect(s.addr()).unwrap();
@@ -364,6 +384,21 @@ async fn a_client_that_never_handshakes_loses_its_slot() {
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(idle.read(&mut buf), Ok(0) | Err(_)));
+    let m = client()
+        .get(metrics_url(&s))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&m, "dockside_tls_handshake_failures_total"),
+        1.0,
+        "{m}"
+    );
+    // At most the keep-alive connection of the client that got through; the idle one is gone.
+    assert!(sample(&m, "dockside_connections_open") <= 1.0, "{m}");
 }
 
 #[tokio::test]
