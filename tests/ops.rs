@@ -196,6 +196,89 @@ async fn http2_is_negotiated_by_alpn_and_carries_uploads() {
     assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
 }
 
+#[tokio::test]
+async fn idle_http2_connections_close_after_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dockside test CA");
+    let s = tls_server(
+        &ca,
+        dir.path(),
+        &["--header-timeout", "1", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = metrics_url(&s);
+    let open = || async {
+        let m = client()
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sample(&m, "dockside_connections_open")
+    };
+    let h2 = ca.client(false);
+    let r = h2.get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.version(), Version::HTTP_2);
+    assert_eq!(open().await, 1.0, "the client keeps its connection");
+    // A request that takes longer than the timeout is not cut: its connection is busy.
+    let upload = h2
+        .post(s.url("/v2/idle/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let loc = s.resolve(upload.headers()["location"].to_str().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let patch = tokio::spawn({
+        let h2 = h2.clone();
+        async move {
+            h2.patch(&loc)
+                .body(reqwest::Body::wrap_stream(tokio_stream(rx)))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    for _ in 0..4 {
+        tx.send(Ok(vec![7u8; 1000])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(tx);
+    assert_eq!(patch.await.unwrap(), StatusCode::ACCEPTED);
+    // Then idle: the server closes it (GOAWAY) within about the timeout, while the client
+    // still holds it in its pool.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open().await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle HTTP/2 connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client opens a new one.
+    let r = h2.get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+// Multi-threaded: the client's connection task must keep running (to answer the GOAWAY's
+// ping) while this thread waits for the process.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_promptly_with_http2_connections_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("dockside test CA");
+    let s = tls_server(&ca, dir.path(), &[]);
+    let h2 = ca.client(false);
+    let r = h2.get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.version(), Version::HTTP_2);
+    // The client keeps its connection open; SIGTERM closes it (GOAWAY) and the process exits
+    // within the harness's stop timeout, not after the 30 s grace.
+    let started = Instant::now();
+    s.stop();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(h2);
+}
+
 /// The issuer of the certificate a fresh connection sees, as told by which CA a client must
 /// trust to connect: `Some(true)` with `ca`'s client, `Some(false)` refused.
 async fn trusted_by(ca: &TestCa, url: &str) -> bool {

@@ -433,10 +433,15 @@ where
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2.timer(TokioTimer::new());
     if let Some(t) = limits.header_timeout {
-        // HTTP/2 has no header timeout in hyper: a peer that stops answering pings is closed.
+        // hyper's HTTP/2 has no header timeout: a peer that stops answering pings is closed,
+        // and an idle one by `close_when_idle` below.
         http2.keep_alive_interval(t).keep_alive_timeout(t);
     }
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let max_connections = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    // HTTP/2 connections are not watched by `graceful` (their idle timeout needs the
+    // connection itself): they stop on this signal, and the stop waits for every slot back.
+    let (stopping, stop_signal) = tokio::sync::watch::channel(false);
     let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -470,7 +475,16 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = service(handler.clone(), limits.clone(), ops.clone(), peer);
+        let activity = Arc::new(Activity::default());
+        let service = service(
+            handler.clone(),
+            limits.clone(),
+            ops.clone(),
+            peer,
+            activity.clone(),
+        );
+        let mut stop_signal = stop_signal.clone();
+        let idle_timeout = limits.header_timeout;
         let watcher = graceful.watcher();
         let (http1, http2) = (http1.clone(), http2.clone());
         let (tls, metrics) = (ops.tls.clone(), ops.metrics.clone());
@@ -506,9 +520,24 @@ where
                         }
                     };
                     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        watcher
-                            .watch(http2.serve_connection(TokioIo::new(stream), service))
-                            .await
+                        drop(watcher);
+                        let conn = http2.serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(conn);
+                        let mut closing = false;
+                        loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                () = activity.idle_for(idle_timeout), if !closing => {
+                                    // Like HTTP/1.1's keep-alive limit: GOAWAY, then close.
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                                _ = stop_signal.wait_for(|s| *s), if !closing => {
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                            }
+                        }
                     } else {
                         watcher
                             .watch(http1.serve_connection(TokioIo::new(stream), service))
@@ -524,13 +553,68 @@ where
     }
     drop(listener);
     tracing::info!("stopping: waiting for requests in flight");
+    let _ = stopping.send(true);
+    let all_closed = async {
+        graceful.shutdown().await;
+        let _ = slots.acquire_many(max_connections as u32).await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("stopped"),
+        () = all_closed => tracing::info!("stopped"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("stopped with requests still in flight");
         }
     }
     Ok(())
+}
+
+/// Requests in flight on one connection, so that an HTTP/2 connection with none for the header
+/// timeout can be closed (HTTP/1.1 has hyper's header timeout for that).
+#[derive(Default)]
+pub struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Pending {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+        Pending(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `timeout` (never without one).
+    async fn idle_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read, so no change between the two is missed.
+            changed.as_mut().enable();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(timeout) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection, until its response body is sent or dropped.
+pub struct Pending(Arc<Activity>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// The response body as it goes out: counts its bytes, and keeps the request counted in
@@ -539,6 +623,7 @@ pub struct Outgoing<B> {
     inner: B,
     counter: ByteCounter,
     _in_flight: Option<InFlight>,
+    _pending: Pending,
 }
 
 impl<B> http_body::Body for Outgoing<B>
@@ -580,6 +665,7 @@ fn service<F, Fut, R>(
     limits: Limits,
     ops: Ops,
     peer: SocketAddr,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = hyper::Response<Outgoing<Body<R>>>,
@@ -600,6 +686,7 @@ where
         let class = RouteClass::of(req.method(), req.uri().path());
         let metrics = ops.metrics.clone();
         let in_flight = metrics.as_ref().map(|m| m.start(class));
+        let pending = activity.start();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let (mut parts, body) = req.into_parts();
@@ -644,6 +731,7 @@ where
                 inner,
                 counter,
                 _in_flight: in_flight,
+                _pending: pending,
             }))
         }
     })
