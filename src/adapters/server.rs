@@ -1,4 +1,7 @@
-//! The native adapter: a hyper/tokio HTTP/1.1 server around [`Registry::handle`].
+//! The native adapter: a hyper/tokio server around [`Registry::handle`], HTTP/1.1, or with TLS
+//! ([`Tls`]) HTTP/2 or HTTP/1.1 as ALPN decides; Prometheus metrics ([`Metrics`]) on a listener
+//! of their own ([`serve_metrics`]); one access-log line per request, as text or structured
+//! fields, with the request id the core returns in `X-Request-Id`.
 //!
 //! Its stores are chosen at start ([`ServerKv`]: a directory or Valkey/Redis; [`ServerBlobs`]: a
 //! directory or an S3 bucket), behind enums so that [`ServedRegistry`] is one concrete type.
@@ -12,7 +15,9 @@
 //! - a header timeout (a request's headers must arrive within it; it also closes idle
 //!   keep-alive connections), and a body idle timeout (the longest wait for the next bytes of a
 //!   request body);
-//! - a bound on open connections: past it, the server stops accepting until one closes;
+//! - a bound on open connections: past it, the server stops accepting until one closes; a TLS
+//!   handshake must finish within its own timeout, and an HTTP/2 connection with no request in
+//!   flight for the header timeout is closed;
 //! - nothing waits on the network while holding a thread: requests run as tasks on the runtime,
 //!   only the directory host's blocking calls go to the blocking pool ([`Pooled`]), and password
 //!   checks to a few threads of their own ([`PasswordCheckers`], bounded, with a bounded queue);
@@ -434,7 +439,8 @@ where
     http2.timer(TokioTimer::new());
     if let Some(t) = limits.header_timeout {
         // hyper's HTTP/2 has no header timeout: a peer that stops answering pings is closed,
-        // and an idle one by `close_when_idle` below.
+        // and an idle one after the same time
+        // (`Activity::idle_for`).
         http2.keep_alive_interval(t).keep_alive_timeout(t);
     }
     let max_connections = limits.max_connections.max(1);
