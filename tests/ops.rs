@@ -794,9 +794,25 @@ async fn json_logs_carry_the_request_id_of_the_response_header() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["class"], "probe");
     assert!(v["ms"].is_number());
+    assert_eq!(v["bytes_out"], 15, "{line}"); // {"status":"ok"}
     let kept = s.wait_for_log("trace-42.abc", Duration::from_secs(5));
     let v: Value = serde_json::from_str(&kept).unwrap();
     assert_eq!(v["class"], "base");
+    // Events logged while a request runs carry its id: a failing readiness probe's warning.
+    let kv = s.data_dir().join("kv");
+    std::fs::rename(&kv, s.data_dir().join("kv.away")).unwrap();
+    std::fs::write(&kv, "not a directory").unwrap();
+    let r = c
+        .get(s.url("/ready"))
+        .header("x-request-id", "ready-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let warning = s.wait_for_log("readiness probe", Duration::from_secs(5));
+    let v: Value = serde_json::from_str(&warning).unwrap();
+    assert_eq!(v["level"], "WARN");
+    assert_eq!(v["span"]["id"], "ready-9", "{warning}");
     // Every line on stderr is one JSON object, the start-up events too.
     for l in s.log_lines() {
         let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"));

@@ -989,7 +989,7 @@ fn log_request<T>(
             path,
             status = resp.status().as_u16(),
             class = outcome.class.as_str(),
-            bytes_out = len,
+            bytes_out = len.and_then(|v| v.parse::<u64>().ok()),
             ms,
             store_error = outcome.store_error,
             auth_failure = outcome.auth_failure.map(|f| f.as_str()),
