@@ -38,6 +38,10 @@
 //! │                                                            catalog, referrers of a subject
 //! └── listing-indexed                                         "1": every index has been built
 //!
+//! never written, only read by the readiness probe (`/ready`) to see that each store answers
+//! ├── probe/ready                                             a key (absent)
+//! └── probe/ready                                             a blob path (absent)
+//!
 //! blob store on a key-value store (crate::hosts::kvblobs, for hosts without a blob store)
 //! ├── kvblob/obj/<blob path>                                   {"size","chunk","segments":[..]}
 //! └── kvblob/chunk/<nonce>/<index:08>                          one chunk of a segment
@@ -49,6 +53,16 @@
 
 use crate::digest::Digest;
 use crate::names::{RepoName, Tag, UploadId};
+
+/// The key `/ready` reads to see that the key-value store answers; never written.
+pub fn probe_key() -> &'static str {
+    "probe/ready"
+}
+
+/// The blob `/ready` asks the size of to see that the blob store answers; never written.
+pub fn probe_blob() -> &'static str {
+    "probe/ready"
+}
 
 pub fn catalog_prefix() -> &'static str {
     "catalog/"

@@ -52,6 +52,7 @@ pub mod layout;
 mod lists;
 mod manifests;
 mod names;
+pub mod observe;
 mod registry;
 mod request;
 #[cfg(feature = "testing")]

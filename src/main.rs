@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dockside::adapters::hyper_client::HyperClient;
-use dockside::adapters::server::{self, Limits, ServedRegistry, ServerBlobs, ServerKv};
+use dockside::adapters::metrics::Metrics;
+use dockside::adapters::server::{self, Limits, Ops, ServedRegistry, ServerBlobs, ServerKv, Tls};
 use dockside::{AuthConfig, Config, FsBlobs, FsKv, RedisKv, S3Blobs, S3Config};
 
 /// dockside: an OCI Distribution registry (docker, podman, skopeo, crane, oras, containerd push
@@ -15,8 +16,8 @@ use dockside::{AuthConfig, Config, FsBlobs, FsKv, RedisKv, S3Blobs, S3Config};
 ///
 /// Run `dockside serve` and push to 127.0.0.1:5000, e.g.
 /// `skopeo copy --dest-tls-verify=false oci:./image docker://127.0.0.1:5000/hello:latest`.
-/// Loopback addresses need no TLS settings in docker or podman; for anything else, put a TLS
-/// proxy in front.
+/// Loopback addresses need no TLS settings in docker or podman; for anything else, serve
+/// HTTPS with `--tls-cert` and `--tls-key`.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -34,6 +35,12 @@ enum Command {
     HashPassword(HashArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Args)]
 struct HashArgs {
     /// bcrypt (cost 12) instead of argon2id.
@@ -43,9 +50,52 @@ struct HashArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on. Use 0.0.0.0:5000 to accept other machines (behind TLS).
+    /// Address to listen on. Use 0.0.0.0:5000 to accept other machines (with TLS).
     #[arg(long, env = "DOCKSIDE_LISTEN", default_value = "127.0.0.1:5000")]
     listen: SocketAddr,
+
+    /// Serve HTTPS (HTTP/2 or HTTP/1.1, by ALPN) with this certificate chain: a PEM file, the
+    /// server's certificate first, then any intermediates. Needs --tls-key. Both files are
+    /// loaded again when they change (checked every 2 s) or on SIGHUP; connections opened
+    /// afterwards get the new pair. A missing, unreadable or mismatched pair stops the start.
+    #[arg(
+        long,
+        env = "DOCKSIDE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert: a PEM file (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "DOCKSIDE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// Seconds a client has to finish the TLS handshake after connecting (until then it holds
+    /// one of --max-connections). 0: no limit.
+    #[arg(
+        long,
+        env = "DOCKSIDE_TLS_HANDSHAKE_TIMEOUT",
+        default_value_t = 10,
+        value_name = "SECS"
+    )]
+    tls_handshake_timeout: u64,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, on this separate listener (plain
+    /// HTTP, no authentication: bind it to an address only the monitoring network reaches,
+    /// e.g. 127.0.0.1:9090 or a pod IP). Off when not set: the registry's own port never
+    /// serves metrics.
+    #[arg(long, env = "DOCKSIDE_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Log format on stderr: text (one line per request and event), or json (one JSON object
+    /// per line, with the request id of the X-Request-Id response header).
+    #[arg(long, env = "DOCKSIDE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 
     /// Directory to store everything in (created if missing), unless --kv and --blobs say
     /// otherwise.
@@ -232,14 +282,27 @@ struct ServeArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DOCKSIDE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DOCKSIDE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = matches!(&cli.command, Command::Serve(a) if a.log_format == LogFormat::Json);
+    if json {
+        // One object per line: the event's fields at the top level, and the request id of
+        // the span an event happened in (`span.id`).
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init();
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::HashPassword(args) => hash_password(args),
@@ -301,6 +364,7 @@ fn auth_config(file: Option<&PathBuf>) -> Result<Option<AuthConfig>, String> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    let json = args.log_format == LogFormat::Json;
     let auth = auth_config(args.config.as_ref())?;
     match &auth {
         None => tracing::info!("access control is off: anyone may pull, push and delete"),
@@ -318,7 +382,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_password_checks: args
             .max_password_checks
             .map_or_else(server::default_password_checks, usize::from),
+        tls_handshake_timeout: secs(args.tls_handshake_timeout),
         ..Limits::default()
+    };
+    // A pair that cannot serve stops the start here, before any store is opened.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+        _ => None,
     };
     raise_open_file_limit(limits.max_connections);
     return_large_allocations();
@@ -371,6 +441,28 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let metrics = match args.metrics_listen {
+            None => None,
+            Some(at) => {
+                let l = tokio::net::TcpListener::bind(at)
+                    .await
+                    .map_err(|e| format!("cannot listen on {at} for metrics: {e}"))?;
+                let local = l.local_addr().map_err(|e| e.to_string())?;
+                let m = Arc::new(Metrics::new());
+                tracing::info!("metrics on http://{local}/metrics");
+                tokio::spawn(server::serve_metrics(l, m.clone(), limits.clone()));
+                Some(m)
+            }
+        };
+        if let Some(tls) = &tls {
+            let m = metrics.clone();
+            tokio::spawn(tls.clone().watch(move || {
+                if let Some(m) = &m {
+                    m.tls_reloaded();
+                }
+            }));
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let redirect = match args.blob_redirect {
             0 => String::new(),
             n => format!(", blob GETs redirected to URLs valid {n} s"),
@@ -384,12 +476,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 blobs.describe()
             )
         };
-        tracing::info!("dockside listening on http://{addr}, {stores}{redirect}");
+        tracing::info!("dockside listening on {scheme}://{addr}, {stores}{redirect}");
         let registry = Arc::new(registry);
         if args.upload_expiry_secs > 0 || args.login_window_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
-        server::serve_registry(listener, registry, limits, server::shutdown_signal())
+        let ops = Ops {
+            tls,
+            metrics,
+            json_log: json,
+        };
+        server::serve_registry(listener, registry, limits, ops, server::shutdown_signal())
             .await
             .map_err(|e| e.to_string())
     })

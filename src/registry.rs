@@ -13,6 +13,7 @@ use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
 use crate::names::RepoName;
+use crate::observe::{AuthFailure, Outcome, RouteClass};
 use crate::request::{Query, percent_decode};
 use crate::throttle::{LoginLimits, LoginThrottle};
 
@@ -203,6 +204,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     {
         let (parts, body) = req.into_parts();
         let is_head = parts.method == Method::HEAD;
+        let request_id = crate::observe::request_id(&parts.headers);
+        let mut outcome = Outcome {
+            class: RouteClass::of(&parts.method, parts.uri.path()),
+            store_error: false,
+            auth_failure: None,
+        };
         let mut body = Box::pin(Watched {
             body: Box::pin(body),
             polled: false,
@@ -214,15 +221,27 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             client,
             crate::auth::now_secs(),
         );
-        let result = match &self.config.auth {
-            Some(auth) if parts.uri.path() == "/token" => {
-                self.token(auth, &parts, &mut body, &throttle).await
-            }
+        let result = match (&self.config.auth, parts.uri.path()) {
+            // Probes come before access control: they never need credentials, and say nothing
+            // about what is stored.
+            (_, "/live" | "/ready" | "/healthz") => self.probe(&parts).await,
+            (Some(auth), "/token") => self.token(auth, &parts, &mut body, &throttle).await,
             _ => self.route(&parts, &mut body, &throttle).await,
         };
         let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
+                outcome.store_error = e.code == ErrorCode::Unknown && e.status.is_server_error();
+                outcome.auth_failure = match e.code {
+                    ErrorCode::Unauthorized
+                        if parts.headers.contains_key(header::AUTHORIZATION)
+                            || outcome.class == RouteClass::Token =>
+                    {
+                        Some(AuthFailure::BadCredentials)
+                    }
+                    ErrorCode::Denied => Some(AuthFailure::Denied),
+                    _ => None,
+                };
                 if worth_draining(&parts.headers, &body, self.config.drain_limit) {
                     drain(&mut body, self.config.drain_limit).await;
                 }
@@ -233,7 +252,54 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             "docker-distribution-api-version",
             HeaderValue::from_static("registry/2.0"),
         );
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut()
+                .insert(crate::observe::REQUEST_ID_HEADER, v);
+        }
+        resp.extensions_mut().insert(outcome);
         resp
+    }
+
+    /// `/live`: the process answers. `/ready` and `/healthz`: both stores answer a cheap read
+    /// (a key and a blob that are never written), else 503. The body names which store failed,
+    /// never why (that goes to the log).
+    async fn probe(&self, parts: &http::request::Parts) -> Result<RegistryResponse<B>> {
+        if !matches!(parts.method, Method::GET | Method::HEAD) {
+            return Err(method_not_allowed(&parts.method, "GET, HEAD"));
+        }
+        let head = parts.method == Method::HEAD;
+        let json = |status: StatusCode, v: serde_json::Value| {
+            let mut r =
+                bytes_response(status, "application/json", Bytes::from(v.to_string()), head);
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        };
+        if parts.uri.path() == "/live" {
+            return Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"})));
+        }
+        let kv = self.kv.get(layout::probe_key()).await;
+        let blobs = self.blobs.size(layout::probe_blob()).await;
+        let state = |failed: bool| if failed { "unavailable" } else { "ok" };
+        for e in [kv.as_ref().err(), blobs.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            tracing::warn!(error = %e.message, kind = ?e.kind, "readiness probe: a store failed");
+        }
+        let ready = kv.is_ok() && blobs.is_ok();
+        Ok(json(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            serde_json::json!({
+                "status": state(!ready),
+                "kv": state(kv.is_err()),
+                "blobs": state(blobs.is_err()),
+            }),
+        ))
     }
 
     async fn route<RB>(

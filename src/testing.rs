@@ -233,8 +233,14 @@ impl TestRegistry {
                         Some((kv, blobs)) => {
                             let registry = server::registry(kv, blobs, config, &limits)
                                 .expect("password checkers");
-                            server::serve_registry(listener, Arc::new(registry), limits, shutdown)
-                                .await
+                            server::serve_registry(
+                                listener,
+                                Arc::new(registry),
+                                limits,
+                                server::Ops::default(),
+                                shutdown,
+                            )
+                            .await
                         }
                         None => {
                             let registry = Arc::new(Registry::new(
@@ -254,6 +260,7 @@ impl TestRegistry {
                                     async move { registry.handle(req).await }
                                 },
                                 limits,
+                                server::Ops::default(),
                                 shutdown,
                             )
                             .await

@@ -23,6 +23,8 @@ struct Wasmtime {
     child: Child,
     addr: String,
     _data: tempfile::TempDir,
+    /// Lines of wasmtime's stderr (the component's included), as read so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Wasmtime {
@@ -64,10 +66,16 @@ fn serve_with(env: &[(&str, String)], prepare: impl FnOnce(&std::path::Path)) ->
     // wasmtime prints "Serving HTTP on http://127.0.0.1:PORT/" once it listens.
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("http://").nth(1) {
                 let _ = tx.send(rest.trim_end_matches('/').to_owned());
+            }
+            let mut l = lines.lock().unwrap_or_else(|p| p.into_inner());
+            if l.len() < 10_000 {
+                l.push(line);
             }
         }
     });
@@ -80,6 +88,7 @@ fn serve_with(env: &[(&str, String)], prepare: impl FnOnce(&std::path::Path)) ->
         child,
         addr,
         _data: data,
+        log,
     }
 }
 
@@ -87,6 +96,54 @@ fn serve_with(env: &[(&str, String)], prepare: impl FnOnce(&std::path::Path)) ->
 async fn push_and_pull_through_the_wasi_component() {
     let w = serve();
     scenarios::push_and_pull(&w.addr).await;
+}
+
+/// The probes are the core's, so the component answers them; each request leaves one JSON
+/// access line on stderr with the id of its `X-Request-Id` header.
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_access_lines_in_the_wasi_component() {
+    let w = serve();
+    let http = common::client();
+    for path in ["/live", "/ready", "/healthz"] {
+        let r = http
+            .get(format!("http://{}{path}", w.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "ok", "{path}");
+    }
+    let r = http
+        .get(format!("http://{}/v2/edge/manifests/absent", w.addr))
+        .header("x-request-id", "edge-probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-request-id"], "edge-probe-1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let found = w
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("edge-probe-1"))
+            .cloned();
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no access line");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // wasmtime may prefix the component's output; the record is the JSON object in the line.
+    let json = &line[line.find('{').unwrap()..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["class"], "manifest_get");
+    assert_eq!(v["status"], 404);
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["store_error"], false);
 }
 
 // ---------------------------------------------------------------------------------------------

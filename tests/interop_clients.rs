@@ -28,3 +28,6 @@ mod docker;
 
 #[path = "interop/podman.rs"]
 mod podman;
+
+#[path = "interop/tls.rs"]
+mod tls;

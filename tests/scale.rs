@@ -567,3 +567,44 @@ async fn stale_uploads_are_purged_on_shared_stores() {
     server.wait_for_log("cancelled 1 upload sessions", Duration::from_secs(1));
     server.stop();
 }
+
+/// `/ready` reads each shared store: 200 while Redis and the bucket answer, 503 naming the
+/// key-value store once its Redis is gone (and `/live` still 200: the process is fine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_follows_the_shared_stores() {
+    let g = garage::garage();
+    let redis = redis_server::RedisServer::start();
+    let s = Server::builder()
+        .args([
+            "--kv",
+            &redis.url,
+            "--kv-prefix",
+            &redis_server::fresh_prefix(),
+        ])
+        .args(["--blobs", &g.url(&garage::unique_prefix())])
+        .env("DOCKSIDE_S3_ACCESS_KEY", &g.access_key)
+        .env("DOCKSIDE_S3_SECRET_KEY", &g.secret_key)
+        .start();
+    let c = client();
+    let r = c.get(s.url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"status": "ok", "kv": "ok", "blobs": "ok"})
+    );
+    drop(redis);
+    let started = std::time::Instant::now();
+    let r = c.get(s.url("/ready")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"status": "unavailable", "kv": "unavailable", "blobs": "ok"})
+    );
+    eprintln!("/ready answered 503 after {:?}", started.elapsed());
+    assert_eq!(
+        c.get(s.url("/live")).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}

@@ -669,6 +669,47 @@ async fn access_control(store: Store) {
 
 /// Limits from Spin variables: advertised, enforced before anything is stored, and a malformed
 /// value reported rather than ignored. (Settings do not depend on the store: SQLite only.)
+/// The probes are the core's, so the Spin component answers them; each request leaves one JSON
+/// access line (the component's metrics) with the id of its `X-Request-Id` header.
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_and_access_lines_on_spin() {
+    let spin = Spin::start(Store::Sqlite, &[]).await;
+    let http = common::client();
+    for path in ["/live", "/ready", "/healthz"] {
+        let r = http
+            .get(format!("http://{}{path}", spin.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["status"], "ok", "{path}");
+    }
+    let r = http
+        .get(format!("http://{}/v2/spin/tags/list", spin.addr))
+        .header("x-request-id", "spin-probe-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-request-id"], "spin-probe-1");
+    let started = Instant::now();
+    let line = loop {
+        let tail = spin.out.tail();
+        if let Some(l) = tail.lines().find(|l| l.contains("spin-probe-1")) {
+            break l.to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no access line in spin's output:\n{tail}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+    assert_eq!(v["class"], "tags");
+    assert_eq!(v["status"], 404);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_from_spin_variables() {
     let spin = Spin::start(

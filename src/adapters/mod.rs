@@ -3,7 +3,7 @@
 //!
 //! - `server`: the native tokio/hyper server (feature `server`), with `pooled`, the directory
 //!   host with its blocking calls on tokio's blocking pool, and `hyper_client`, its outbound
-//!   HTTP client (for S3).
+//!   HTTP client (for S3), `tls` (certificates, reloaded) and `metrics` (Prometheus).
 //! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`).
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
 //!   with `wasi_http_client`, its outbound HTTP client on `wasi:http/outgoing-handler` (for S3).
@@ -11,9 +11,13 @@
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
+pub mod metrics;
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod pooled;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod server;
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
+pub mod tls;
 
 #[cfg(all(feature = "spin", feature = "wasi-http"))]
 compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");

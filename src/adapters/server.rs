@@ -1,4 +1,7 @@
-//! The native adapter: a hyper/tokio HTTP/1.1 server around [`Registry::handle`].
+//! The native adapter: a hyper/tokio server around [`Registry::handle`], HTTP/1.1, or with TLS
+//! ([`Tls`]) HTTP/2 or HTTP/1.1 as ALPN decides; Prometheus metrics ([`Metrics`]) on a listener
+//! of their own ([`serve_metrics`]); one access-log line per request, as text or structured
+//! fields, with the request id the core returns in `X-Request-Id`.
 //!
 //! Its stores are chosen at start ([`ServerKv`]: a directory or Valkey/Redis; [`ServerBlobs`]: a
 //! directory or an S3 bucket), behind enums so that [`ServedRegistry`] is one concrete type.
@@ -12,7 +15,9 @@
 //! - a header timeout (a request's headers must arrive within it; it also closes idle
 //!   keep-alive connections), and a body idle timeout (the longest wait for the next bytes of a
 //!   request body);
-//! - a bound on open connections: past it, the server stops accepting until one closes;
+//! - a bound on open connections: past it, the server stops accepting until one closes; a TLS
+//!   handshake must finish within its own timeout, and an HTTP/2 connection with no request in
+//!   flight for the header timeout is closed;
 //! - nothing waits on the network while holding a thread: requests run as tasks on the runtime,
 //!   only the directory host's blocking calls go to the blocking pool ([`Pooled`]), and password
 //!   checks to a few threads of their own ([`PasswordCheckers`], bounded, with a bounded queue);
@@ -33,21 +38,25 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use bytes::{Buf, Bytes};
 
 use crate::adapters::hyper_client::{HyperClient, ResponseBody};
+use crate::adapters::metrics::{ByteCounter, InFlight, Metrics};
 use crate::adapters::pooled::Pooled;
+pub use crate::adapters::tls::Tls;
 use crate::auth::{Busy, PasswordCheck, PasswordChecks};
 use crate::body::Body;
 use crate::error::StoreError;
 use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
 use crate::hosts::fs::FileReader;
 use crate::hosts::s3::S3Reader;
+use crate::observe::{self, Outcome, RouteClass};
 use crate::{Config, FsBlobs, FsKv, RedisKv, Registry, S3Blobs};
 
 /// How long a stop waits for requests in flight before giving up on them. Whatever they were
@@ -256,6 +265,9 @@ pub struct Limits {
     pub max_password_checks: usize,
     /// Most bytes of a refused request's body read after answering it.
     pub drain_limit: u64,
+    /// Longest a TLS handshake may take, from the accept (a client that connects and never
+    /// handshakes would otherwise hold a connection slot); `None`: unbounded.
+    pub tls_handshake_timeout: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -266,6 +278,7 @@ impl Default for Limits {
             max_connections: 1024,
             max_password_checks: default_password_checks(),
             drain_limit: 64 * 1024 * 1024,
+            tls_handshake_timeout: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -355,6 +368,18 @@ pub fn registry(
     ))
 }
 
+/// What the server adds around the registry besides its limits: TLS, metrics, the log format.
+/// The default: plain HTTP/1.1, no metrics, text logs.
+#[derive(Clone, Default)]
+pub struct Ops {
+    /// Serve HTTPS with this certificate (HTTP/2 or HTTP/1.1 by ALPN).
+    pub tls: Option<Arc<Tls>>,
+    /// Count requests, bytes, failures (served by [`serve_metrics`]).
+    pub metrics: Option<Arc<Metrics>>,
+    /// The access log as structured fields (for a JSON subscriber) rather than one text line.
+    pub json_log: bool,
+}
+
 /// Serves a local-directory registry on `listener` until `shutdown` completes (the same as
 /// [`serve_registry`], under its older name).
 pub async fn serve_dir(
@@ -363,7 +388,7 @@ pub async fn serve_dir(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    serve_registry(listener, registry, limits, shutdown).await
+    serve_registry(listener, registry, limits, Ops::default(), shutdown).await
 }
 
 /// Serves `registry` (whatever its stores) on `listener` until `shutdown` completes.
@@ -371,6 +396,7 @@ pub async fn serve_registry(
     listener: TcpListener,
     registry: Arc<ServedRegistry>,
     limits: Limits,
+    ops: Ops,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     serve(
@@ -380,6 +406,7 @@ pub async fn serve_registry(
             async move { registry.handle(req).await }
         },
         limits,
+        ops,
         shutdown,
     )
     .await
@@ -388,23 +415,39 @@ pub async fn serve_registry(
 /// Serves `handler` (a registry's `handle`, for any concrete stores) on `listener` until
 /// `shutdown` completes, then stops accepting, lets requests in flight finish (up to
 /// [`SHUTDOWN_GRACE`]) and returns. Each request runs as its own task, to its end even if the
-/// client goes away (its body then fails), so no store operation is cut halfway.
+/// client goes away (its body then fails), so no store operation is cut halfway. With TLS,
+/// the handshake runs in the connection's task (holding its slot, within the handshake
+/// timeout), and ALPN picks HTTP/2 or HTTP/1.1.
 pub async fn serve<F, Fut, R>(
     listener: TcpListener,
     handler: F,
     limits: Limits,
+    ops: Ops,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
-    F: Fn(hyper::Request<RequestBody>) -> Fut + Clone + Send + 'static,
+    F: Fn(hyper::Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = hyper::Response<Body<R>>> + Send + 'static,
     R: http_body::Body<Data = Bytes, Error = StoreError> + Unpin + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2.timer(TokioTimer::new());
+    if let Some(t) = limits.header_timeout {
+        // hyper's HTTP/2 has no header timeout: a peer that stops answering pings is closed,
+        // and an idle one after the same time
+        // (`Activity::idle_for`).
+        http2.keep_alive_interval(t).keep_alive_timeout(t);
+    }
+    let max_connections = limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    // HTTP/2 connections are not watched by `graceful` (their idle timeout needs the
+    // connection itself): they stop on this signal, and the stop waits for every slot back.
+    let (stopping, stop_signal) = tokio::sync::watch::channel(false);
     let mut last_full_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -438,34 +481,77 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let limits = limits.clone();
-        let service = service_fn(move |req: hyper::Request<Incoming>| {
-            let start = Instant::now();
-            let method = req.method().clone();
-            let path = req.uri().path().to_owned();
-            let (mut parts, body) = req.into_parts();
-            // The core counts failed logins per client address.
-            parts.extensions.insert(crate::ClientAddr(peer.ip()));
-            let body = RequestBody::new(body, &parts.headers, &limits);
-            let req = hyper::Request::from_parts(parts, body);
-            let task = tokio::spawn(handler(req));
-            async move {
-                let resp = task.await.unwrap_or_else(|e| {
-                    tracing::error!("request handler failed: {e}");
-                    let mut resp = hyper::Response::new(Body::full(
-                        r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,
-                    ));
-                    *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                    resp
-                });
-                log_request(peer, &method, &path, &resp, start);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let activity = Arc::new(Activity::default());
+        let service = service(
+            handler.clone(),
+            limits.clone(),
+            ops.clone(),
+            peer,
+            activity.clone(),
+        );
+        let mut stop_signal = stop_signal.clone();
+        let idle_timeout = limits.header_timeout;
+        let watcher = graceful.watcher();
+        let (http1, http2) = (http1.clone(), http2.clone());
+        let (tls, metrics) = (ops.tls.clone(), ops.metrics.clone());
+        let handshake_timeout = limits.tls_handshake_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _open = metrics.as_ref().map(|m| m.connection_opened());
+            let ended = match tls {
+                None => {
+                    watcher
+                        .watch(http1.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(tls) => {
+                    let accept = tls.acceptor().accept(stream);
+                    let handshake = match handshake_timeout {
+                        None => accept.await,
+                        Some(t) => tokio::time::timeout(t, accept).await.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("no TLS handshake within {} s", t.as_secs_f64()),
+                            ))
+                        }),
+                    };
+                    let stream = match handshake {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            if let Some(m) = &metrics {
+                                m.tls_handshake_failed();
+                            }
+                            drop(slot);
+                            return;
+                        }
+                    };
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        drop(watcher);
+                        let conn = http2.serve_connection(TokioIo::new(stream), service);
+                        tokio::pin!(conn);
+                        let mut closing = false;
+                        loop {
+                            tokio::select! {
+                                ended = conn.as_mut() => break ended,
+                                () = activity.idle_for(idle_timeout), if !closing => {
+                                    // Like HTTP/1.1's keep-alive limit: GOAWAY, then close.
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                                _ = stop_signal.wait_for(|s| *s), if !closing => {
+                                    conn.as_mut().graceful_shutdown();
+                                    closing = true;
+                                }
+                            }
+                        }
+                    } else {
+                        watcher
+                            .watch(http1.serve_connection(TokioIo::new(stream), service))
+                            .await
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(slot);
@@ -473,13 +559,250 @@ where
     }
     drop(listener);
     tracing::info!("stopping: waiting for requests in flight");
+    let _ = stopping.send(true);
+    let all_closed = async {
+        graceful.shutdown().await;
+        let _ = slots.acquire_many(max_connections as u32).await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("stopped"),
+        () = all_closed => tracing::info!("stopped"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!("stopped with requests still in flight");
         }
     }
     Ok(())
+}
+
+/// Requests in flight on one connection, so that an HTTP/2 connection with none for the header
+/// timeout can be closed (HTTP/1.1 has hyper's header timeout for that).
+#[derive(Default)]
+pub struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Pending {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_waiters();
+        Pending(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `timeout` (never without one).
+    async fn idle_for(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read, so no change between the two is missed.
+            changed.as_mut().enable();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(timeout) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection, until its response body is sent or dropped.
+pub struct Pending(Arc<Activity>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// The response body as it goes out: counts its bytes, and keeps the request counted in
+/// flight until it is sent (or dropped).
+pub struct Outgoing<B> {
+    inner: B,
+    counter: ByteCounter,
+    _in_flight: Option<InFlight>,
+    _pending: Pending,
+}
+
+impl<B> http_body::Body for Outgoing<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame
+            && let Some(d) = f.data_ref()
+        {
+            this.counter.add(d.len());
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The per-connection service: a request id (the client's, when sane, else a fresh one, put on
+/// the request so the core echoes it), the request as a task in a span carrying that id, then
+/// the access log line and the metrics.
+#[allow(clippy::type_complexity)]
+fn service<F, Fut, R>(
+    handler: F,
+    limits: Limits,
+    ops: Ops,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<Outgoing<Body<R>>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<hyper::Response<Outgoing<Body<R>>>, Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static
+where
+    F: Fn(hyper::Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<Body<R>>> + Send + 'static,
+    R: http_body::Body<Data = Bytes, Error = StoreError> + Unpin + Send + 'static,
+{
+    service_fn(move |req: hyper::Request<Incoming>| {
+        let start = Instant::now();
+        let class = RouteClass::of(req.method(), req.uri().path());
+        let metrics = ops.metrics.clone();
+        let in_flight = metrics.as_ref().map(|m| m.start(class));
+        let pending = activity.start();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let (mut parts, body) = req.into_parts();
+        let id = observe::request_id(&parts.headers);
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            parts.headers.insert(observe::REQUEST_ID_HEADER, v);
+        }
+        // The core counts failed logins per client address.
+        parts.extensions.insert(crate::ClientAddr(peer.ip()));
+        let mut body = RequestBody::new(body, &parts.headers, &limits);
+        body.counter = ByteCounter::new(metrics.as_ref().map(|m| m.bytes_in(class)));
+        let req = hyper::Request::from_parts(parts, body);
+        let span = tracing::info_span!("request", id = %id);
+        let task = tokio::spawn(handler(req).instrument(span));
+        let json_log = ops.json_log;
+        async move {
+            let resp = task.await.unwrap_or_else(|e| {
+                tracing::error!(request_id = %id, "request handler failed: {e}");
+                let mut resp = hyper::Response::new(Body::full(
+                    r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,
+                ));
+                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                if let Ok(v) = http::HeaderValue::from_str(&id) {
+                    resp.headers_mut().insert(observe::REQUEST_ID_HEADER, v);
+                }
+                resp
+            });
+            let secs = start.elapsed().as_secs_f64();
+            let outcome = resp
+                .extensions()
+                .get::<Outcome>()
+                .copied()
+                .unwrap_or(Outcome {
+                    class,
+                    store_error: false,
+                    auth_failure: None,
+                });
+            if let Some(m) = &metrics {
+                m.answered(outcome, resp.status().as_u16(), secs);
+            }
+            log_request(json_log, peer, &method, &path, &resp, &id, outcome, secs);
+            let counter = ByteCounter::new(metrics.as_ref().map(|m| m.bytes_out(outcome.class)));
+            Ok::<_, Infallible>(resp.map(|inner| Outgoing {
+                inner,
+                counter,
+                _in_flight: in_flight,
+                _pending: pending,
+            }))
+        }
+    })
+}
+
+/// Serves `/metrics` (Prometheus' text format) on `listener`, HTTP/1.1, no TLS: a listener
+/// meant for the monitoring network only (`--metrics-listen`). Anything else is 404.
+pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    // Scrapers are few: a small bound keeps a flood on this port from taking file descriptors.
+    let slots = Arc::new(Semaphore::new(64));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            let metrics = metrics.clone();
+            async move {
+                let mut resp = if req.uri().path() == "/metrics"
+                    && matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+                {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from(
+                        metrics.render(),
+                    )));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    r
+                } else {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from(
+                        "only /metrics here\n",
+                    )));
+                    *r.status_mut() = http::StatusCode::NOT_FOUND;
+                    r
+                };
+                resp.headers_mut().insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = http1.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
 }
 
 /// Why a request body failed.
@@ -516,6 +839,8 @@ pub struct RequestBody {
     polled: bool,
     expects_continue: bool,
     drain_limit: u64,
+    /// Counts the bytes read (metrics), including what is drained after a refusal.
+    counter: ByteCounter,
 }
 
 impl RequestBody {
@@ -532,6 +857,7 @@ impl RequestBody {
             polled: false,
             expects_continue,
             drain_limit: limits.drain_limit,
+            counter: ByteCounter::default(),
         }
     }
 }
@@ -555,6 +881,11 @@ impl http_body::Body for RequestBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
+                if let Some(Ok(f)) = &frame
+                    && let Some(d) = f.data_ref()
+                {
+                    this.counter.add(d.len());
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Read)))
             }
             Poll::Pending => {
@@ -615,6 +946,7 @@ impl Drop for RequestBody {
             polled: true,
             expects_continue: false,
             drain_limit: 0,
+            counter: self.counter.clone(),
         };
         rt.spawn(async move {
             let mut seen = 0u64;
@@ -632,25 +964,47 @@ impl Drop for RequestBody {
     }
 }
 
-/// One access-log line: peer, method, path, status, response length, time to the headers.
+/// One access-log line: peer, method, path, status, response length, time to the headers,
+/// request id; with `json`, the same (and the route class, failures) as structured fields.
+#[allow(clippy::too_many_arguments)]
 fn log_request<T>(
+    json: bool,
     peer: SocketAddr,
     method: &http::Method,
     path: &str,
     resp: &hyper::Response<T>,
-    start: Instant,
+    id: &str,
+    outcome: Outcome,
+    secs: f64,
 ) {
     let len = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    tracing::info!(
-        target: "dockside::access",
-        "{peer} {method} {path} {} {len} {:.1}ms",
-        resp.status().as_u16(),
-        start.elapsed().as_secs_f64() * 1000.0
-    );
+        .and_then(|v| v.to_str().ok());
+    let ms = (secs * 10_000.0).round() / 10.0;
+    if json {
+        tracing::info!(
+            target: "dockside::access",
+            request_id = id,
+            peer = %peer,
+            method = %method,
+            path,
+            status = resp.status().as_u16(),
+            class = outcome.class.as_str(),
+            bytes_out = len.and_then(|v| v.parse::<u64>().ok()),
+            ms,
+            store_error = outcome.store_error,
+            auth_failure = outcome.auth_failure.map(|f| f.as_str()),
+            "request"
+        );
+    } else {
+        tracing::info!(
+            target: "dockside::access",
+            "{peer} {method} {path} {} {} {ms:.1}ms {id}",
+            resp.status().as_u16(),
+            len.unwrap_or("-"),
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -34,13 +34,27 @@ use crate::error::StoreError;
 use crate::host::{KeyValue, page_of};
 use crate::hosts::indexed::IndexedKv;
 use crate::hosts::kvblobs::KvReader;
+use crate::observe::AccessRecord;
 use crate::{Body, Config, KvBlobs, Registry};
 
 type Response = http::Response<Body<KvReader<SpinKv>>>;
 
 #[spin_sdk::http_service]
 async fn handle(req: Request) -> impl IntoResponse {
+    let start = std::time::Instant::now();
+    let (method, path, headers) = (
+        req.method().clone(),
+        req.uri().path().to_owned(),
+        req.headers().clone(),
+    );
     let resp: Response = respond(req).await;
+    // The access record (route class, status, latency, bytes, failures): one JSON line on
+    // stderr per request, the component's metrics.
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    eprintln!(
+        "{}",
+        AccessRecord::of(&method, &path, &headers, &resp, ms).to_json()
+    );
     resp
 }
 

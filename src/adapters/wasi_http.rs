@@ -33,6 +33,7 @@ use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
 use super::wasi_http_client::WasiClient;
 use crate::error::StoreError;
+use crate::observe::AccessRecord;
 use crate::{Config, DirRegistry, FsKv, Registry, S3Blobs, S3Config};
 
 struct Component;
@@ -41,6 +42,7 @@ wasi::http::proxy::export!(Component);
 
 impl wasi::exports::http::incoming_handler::Guest for Component {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let start = std::time::Instant::now();
         let store = match open() {
             Ok(r) => r,
             Err(msg) => {
@@ -52,10 +54,27 @@ impl wasi::exports::http::incoming_handler::Guest for Component {
             Ok(r) => r,
             Err(msg) => return respond_plain(out, 400, &msg),
         };
+        let (method, path, headers) = (
+            req.method().clone(),
+            req.uri().path().to_owned(),
+            req.headers().clone(),
+        );
+        // The access record (route class, status, latency, bytes, failures): one JSON line on
+        // stderr per request, the component's metrics.
+        let log = |record: AccessRecord<'_>| eprintln!("{}", record.to_json());
+        let ms = || start.elapsed().as_secs_f64() * 1000.0;
         rt::block_on(async move {
             match store {
-                Store::Dir(registry) => send(registry.handle(req).await, out).await,
-                Store::S3(registry) => send(registry.handle(req).await, out).await,
+                Store::Dir(registry) => {
+                    let resp = registry.handle(req).await;
+                    log(AccessRecord::of(&method, &path, &headers, &resp, ms()));
+                    send(resp, out).await
+                }
+                Store::S3(registry) => {
+                    let resp = registry.handle(req).await;
+                    log(AccessRecord::of(&method, &path, &headers, &resp, ms()));
+                    send(resp, out).await
+                }
             }
         });
     }

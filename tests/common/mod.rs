@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256, Sha512};
 
 pub mod scenarios;
+pub mod tls;
 
 /// How long a server may take to print its "listening on" line.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -217,11 +218,12 @@ impl ServerBuilder {
             data,
             _tmp: tmp,
             log,
+            https: false,
         };
-        let Some(line) = server
-            .log
-            .wait_for(|l| l.contains("listening on http://"), STARTUP_TIMEOUT)
-        else {
+        let Some(line) = server.log.wait_for(
+            |l| l.contains("listening on http://") || l.contains("listening on https://"),
+            STARTUP_TIMEOUT,
+        ) else {
             let status = server.child.try_wait().ok().flatten();
             let _ = server.child.kill();
             let _ = server.child.wait();
@@ -231,9 +233,12 @@ impl ServerBuilder {
                 server.log.snapshot().join("\n")
             );
         };
+        server.https = line.contains("listening on https://");
         let addr = line
-            .split("listening on http://")
+            .split("listening on ")
             .nth(1)
+            .and_then(|rest| rest.split_once("://"))
+            .map(|(_, rest)| rest)
             .and_then(|rest| rest.split([',', ' ']).next())
             .and_then(|a| a.parse::<SocketAddr>().ok())
             .unwrap_or_else(|| panic!("cannot parse the address from {line:?}"));
@@ -257,6 +262,8 @@ pub struct Server {
     /// The temporary data directory, when the server owns it; removed after the process ends.
     _tmp: Option<tempfile::TempDir>,
     log: Arc<Log>,
+    /// It serves HTTPS (`--tls-cert`).
+    https: bool,
 }
 
 impl Server {
@@ -273,9 +280,10 @@ impl Server {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), without a trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// `base_url()` followed by `path` (which starts with `/`).

@@ -12,7 +12,7 @@ use crate::interop::{
     sha256, skip, tools_dir,
 };
 
-fn crane_bin() -> PathBuf {
+pub(crate) fn crane_bin() -> PathBuf {
     let mut candidates = Vec::new();
     if let Some(p) = std::env::var_os("DOCKSIDE_INTEROP_CRANE") {
         candidates.push(PathBuf::from(p));

@@ -16,14 +16,14 @@ use crate::interop::{
 };
 
 /// A dockerd process of the test's own.
-struct Dockerd {
+pub(crate) struct Dockerd {
     child: Child,
     dir: tempfile::TempDir,
     docker: PathBuf,
 }
 
 impl Dockerd {
-    fn start() -> Dockerd {
+    pub(crate) fn start() -> Dockerd {
         let dockerd = require_tool(
             "docker",
             &[PathBuf::from("/usr/sbin/dockerd"), PathBuf::from("dockerd")],
@@ -83,7 +83,7 @@ impl Dockerd {
     }
 
     /// A `docker` command talking to this daemon, with a config directory of its own.
-    fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let mut c = Command::new(&self.docker);
         c.env(
             "DOCKER_HOST",
@@ -95,7 +95,7 @@ impl Dockerd {
         c
     }
 
-    fn docker(&self, args: &[&str]) -> Output {
+    pub(crate) fn docker(&self, args: &[&str]) -> Output {
         run(&format!("docker {}", args.join(" ")), self.cmd().args(args))
     }
 }

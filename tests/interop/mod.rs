@@ -9,6 +9,9 @@
 #![allow(dead_code)]
 
 pub mod image;
+/// The test CA of `tests/common` (rcgen), for the clients over TLS (`tls.rs`).
+#[path = "../common/tls.rs"]
+pub mod test_ca;
 
 // Garage, for the runs with blobs in S3 and `--blob-redirect` (the same harness as
 // `.ci/backends`' suites).
@@ -278,7 +281,7 @@ impl Registry {
         let line = {
             let mut g = log.lines.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                if let Some(l) = g.0.iter().find(|l| l.contains("listening on http://")) {
+                if let Some(l) = g.0.iter().find(|l| l.contains("listening on http")) {
                     break Some(l.clone());
                 }
                 let now = Instant::now();
@@ -304,9 +307,10 @@ impl Registry {
             panic!("dockside did not start; stderr:\n{}", lines.join("\n"));
         };
         let addr: SocketAddr = line
-            .split("listening on http://")
+            .split("listening on ")
             .nth(1)
-            .and_then(|r| r.split([',', ' ']).next())
+            .and_then(|r| r.split_once("://"))
+            .and_then(|(_, r)| r.split([',', ' ']).next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("cannot parse the address from {line:?}"));
         assert!(addr.ip().is_loopback(), "{line}");
@@ -358,6 +362,10 @@ impl Registry {
     /// `127.0.0.1:PORT`: the registry host as clients name it in image references.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     pub fn base_url(&self) -> String {

@@ -16,7 +16,7 @@ use crate::interop::{
 };
 
 /// podman or buildah with storage under `dir`.
-fn tool(name: &str, dir: &Path) -> Command {
+pub(crate) fn tool(name: &str, dir: &Path) -> Command {
     let bin = require_tool(name, &[PathBuf::from(name)]);
     let mut c = Command::new(bin);
     c.arg("--root")
@@ -40,7 +40,7 @@ fn sh(name: &str, dir: &Path, args: &[&str]) -> Output {
 }
 
 /// A build context with a Containerfile copying two random files into a scratch image.
-fn context(rng: &mut Rng, dir: &Path) -> Vec<u8> {
+pub(crate) fn context(rng: &mut Rng, dir: &Path) -> Vec<u8> {
     std::fs::create_dir_all(dir).expect("mkdir");
     let a = rng.bytes(150_000);
     std::fs::write(dir.join("a.bin"), &a).expect("write");
