@@ -119,7 +119,10 @@ async fn s3_blobs() -> Result<Option<S3Blobs<SpinClient>>, String> {
         _ => None,
     };
     let s3 = S3Config::from_url(url.trim(), get).map_err(|e| {
-        format!("Spin variable blobs: {e} (the endpoint may also come from s3_endpoint, the keys from s3_access_key and s3_secret_key)")
+        format!(
+            "Spin variable blobs: {e} (the endpoint may also come from s3_endpoint, the keys \
+             from s3_access_key and s3_secret_key)"
+        )
     })?;
     S3Blobs::new(&s3, SpinClient)
         .map(Some)
