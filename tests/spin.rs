@@ -1070,7 +1070,13 @@ async fn s3_blob_gets_redirect() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.url().as_str(), url.as_str(), "served from the bucket");
+    // From the bucket: the object's URL (the signature's date may differ by a second).
+    let object = url.split('?').next().unwrap();
+    assert_eq!(
+        r.url().as_str().split('?').next().unwrap(),
+        object,
+        "served from the bucket"
+    );
     assert!(r.bytes().await.unwrap()[..] == data[..]);
     // HEAD is answered by the component itself.
     let r = no_follow
