@@ -4,11 +4,11 @@
 //! Needs the built component and the wasmtime CLI: `.ci/edge` builds and installs both and runs
 //! `cargo test --features edge --test edge` with `DOCKSIDE_WASI_COMPONENT` and
 //! `DOCKSIDE_WASMTIME` set. Without them the test fails and says so; it never skips. The S3
-//! tests also need Garage (`DOCKSIDE_GARAGE`, installed by `.ci/backends`).
+//! tests also need Garage (`DOCKSIDE_GARAGE`, installed by `.ci/garage`).
 #![cfg(feature = "edge")]
 
 mod common;
-// Garage, for the component's S3 blob store (installed by .ci/backends; .ci/edge runs after it).
+// Garage, for the component's S3 blob store (installed by .ci/garage, which .ci/edge sources).
 #[path = "backends/garage.rs"]
 mod garage;
 

@@ -7,12 +7,16 @@
 //! Redis and runs `cargo test --features spin-e2e --test spin`. The CLI is `DOCKSIDE_SPIN` if
 //! set, else `<repository>/../shared/tools/spin`, else `/work/shared/tools/spin`; the Redis
 //! server is `DOCKSIDE_REDIS_SERVER` if set, else `valkey-server` or `redis-server` on `PATH`.
-//! Without them every test fails and says why; none skips.
+//! The S3 tests (blobs in Garage, keys in Redis) also need Garage: `DOCKSIDE_GARAGE`, installed
+//! by `.ci/garage`, which `.ci/spin` runs. Without them every test fails and says why; none
+//! skips.
 //!
 //! `DOCKSIDE_SPIN_LARGE_MIB` sets the size of the large layer (default 1024: a 1 GiB layer).
 #![cfg(feature = "spin-e2e")]
 
 mod common;
+#[path = "backends/garage.rs"]
+mod garage;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -202,6 +206,33 @@ fn ping(port: u16) -> bool {
     s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
+/// `KEYS *` on the Redis server at `port`, through RESP by hand (a test-only scan of a small
+/// store).
+fn redis_keys(port: u16) -> Vec<String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(b"*2\r\n$4\r\nKEYS\r\n$1\r\n*\r\n").unwrap();
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let n: usize = line
+        .trim_end()
+        .strip_prefix('*')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("KEYS answered {line:?}"));
+    let mut keys = Vec::with_capacity(n);
+    for _ in 0..n {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let len: usize = line.trim_end().strip_prefix('$').unwrap().parse().unwrap();
+        let mut key = vec![0u8; len + 2];
+        r.read_exact(&mut key).unwrap();
+        key.truncate(len);
+        keys.push(String::from_utf8_lossy(&key).into_owned());
+    }
+    keys
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -335,6 +366,18 @@ impl Spin {
         format!("http://{}", self.addr)
     }
 
+    /// What the component wrote on stderr: Spin keeps it in the state directory.
+    fn component_stderr(&self) -> String {
+        std::fs::read_to_string(self._state.path().join("logs/dockside_stderr.txt"))
+            .unwrap_or_default()
+    }
+
+    /// Every key in the Redis store (`KEYS *`), for a `Store::Redis` run.
+    fn redis_keys(&self) -> Vec<String> {
+        let port = self._redis.as_ref().expect("a Redis store").port;
+        redis_keys(port)
+    }
+
     /// The pids of the process group: `spin up` and its trigger process.
     fn pids(&self) -> Vec<u32> {
         let pgid = self.child.id();
@@ -464,6 +507,12 @@ async fn chunked_push(store: Store) {
 
 async fn chunked_push_with(store: Store, variables: &[(&str, String)]) {
     let spin = Spin::start(store, variables).await;
+    chunked_push_on(&spin).await;
+}
+
+/// The chunked push of [`chunked_push`] on a running `spin up`; returns the blob's digest and
+/// size.
+async fn chunked_push_on(spin: &Spin) -> (String, usize) {
     let base = spin.base();
     let http = common::client();
     let data = pseudo_random(7 * 1_500_007 + 4321, 42);
@@ -524,6 +573,7 @@ async fn chunked_push_with(store: Store, variables: &[(&str, String)]) {
         assert_eq!(r.status(), 206);
         assert!(r.bytes().await.unwrap()[..] == data[from..=to]);
     }
+    (digest, data.len())
 }
 
 /// Block `i` of the large layer: a fixed pseudo-random MiB with `i` in its first 8 bytes, so a
@@ -667,8 +717,6 @@ async fn access_control(store: Store) {
     assert!(body.contains("no token secret"), "{body}");
 }
 
-/// Limits from Spin variables: advertised, enforced before anything is stored, and a malformed
-/// value reported rather than ignored. (Settings do not depend on the store: SQLite only.)
 /// The probes are the core's, so the Spin component answers them; each request leaves one JSON
 /// access line (the component's metrics) with the id of its `X-Request-Id` header.
 #[tokio::test(flavor = "multi_thread")]
@@ -710,6 +758,8 @@ async fn probes_and_access_lines_on_spin() {
     assert_eq!(v["status"], 404);
 }
 
+/// Limits from Spin variables: advertised, enforced before anything is stored, and a malformed
+/// value reported rather than ignored. (Settings do not depend on the store: SQLite only.)
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_from_spin_variables() {
     let spin = Spin::start(
@@ -854,6 +904,333 @@ async fn chunk_size_from_spin_variable() {
         assert_eq!(r.status(), 500, "chunk_bytes={bad}");
         let text = r.text().await.unwrap();
         assert!(text.contains("chunk_bytes"), "{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blobs in S3 (Garage, tests/backends/garage.rs), keys in Redis: the Spin variables `blobs`,
+// `s3_endpoint` (also spin.toml's allowed_outbound_hosts), `s3_access_key`, `s3_secret_key`,
+// `blob_redirect`; nothing in spin.toml edited.
+
+const MIB: usize = 1024 * 1024;
+
+/// The Spin variables for blobs in a fresh prefix of Garage's bucket, plus `extra`; and the S3
+/// configuration, to look into the bucket.
+fn s3_variables(
+    extra: &[(&'static str, String)],
+) -> (Vec<(&'static str, String)>, dockside::S3Config) {
+    let g = garage::garage();
+    let prefix = garage::unique_prefix();
+    let s3 = dockside::S3Config::from_url(&g.url(&prefix), g.env()).unwrap();
+    let mut vars = vec![
+        (
+            "blobs",
+            format!("s3://{}/{prefix}?region={}", g.bucket, g.region),
+        ),
+        ("s3_endpoint", g.endpoint.clone()),
+        ("s3_access_key", g.access_key.clone()),
+        ("s3_secret_key", g.secret_key.clone()),
+    ];
+    vars.extend(extra.iter().cloned());
+    (vars, s3)
+}
+
+/// Pushes `data` in one POST; returns its digest.
+async fn push_monolithic(http: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = sha256_digest(data);
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert_eq!(status, 201, "{}", r.text().await.unwrap_or_default());
+    d
+}
+
+/// `spin up` with blobs in Garage and keys in Redis: a 20 MiB blob in one POST (a multipart
+/// upload of 8 MiB parts) and the chunked push of odd-sized PATCHes (parts under S3's 5 MiB
+/// minimum, regrouped by the store), pulled back byte for byte and by ranges; a manifest over
+/// them; then exactly those blobs in the bucket under the prefix, and keys but no chunk in
+/// Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_blobs_and_redis_keys() {
+    let (vars, s3) = s3_variables(&[]);
+    let spin = Spin::start(Store::Redis, &vars).await;
+    let base = spin.base();
+    let http = common::client();
+
+    // The store's 5 MiB minimum part is advertised.
+    let r = http
+        .post(format!("{base}/v2/s3/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.headers()["oci-chunk-min-length"],
+        (5 * MIB).to_string().as_str()
+    );
+
+    let big = pseudo_random(20 * MIB, 51);
+    let d_big = push_monolithic(&http, &base, "s3/app", &big).await;
+    let r = http
+        .get(format!("{base}/v2/s3/app/blobs/{d_big}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        big.len().to_string().as_str()
+    );
+    assert_eq!(r.headers()["docker-content-digest"], d_big.as_str());
+    let got = r.bytes().await.unwrap();
+    assert!(got[..] == big[..], "the 20 MiB blob came back different");
+    for (from, to) in [
+        (8 * MIB - 100, 8 * MIB + 99),
+        (big.len() - 10, big.len() - 1),
+    ] {
+        let r = http
+            .get(format!("{base}/v2/s3/app/blobs/{d_big}"))
+            .header("range", format!("bytes={from}-{to}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 206);
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes {from}-{to}/{}", big.len()).as_str()
+        );
+        assert!(r.bytes().await.unwrap()[..] == big[from..=to]);
+    }
+
+    let (d_chunked, chunked_len) = chunked_push_on(&spin).await;
+
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let d_config = push_monolithic(&http, &base, "s3/app", config).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": d_config, "size": config.len()},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d_big, "size": big.len()},
+        ],
+    })
+    .to_string();
+    let r = http
+        .put(format!("{base}/v2/s3/app/manifests/v1"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let r = http
+        .get(format!("{base}/v2/s3/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), manifest);
+
+    // The bucket holds the three blobs, under the prefix, at their content addresses; no upload
+    // part is left behind.
+    let mut expected: Vec<String> = [&d_big, &d_chunked, &d_config]
+        .iter()
+        .map(|d| {
+            let hex = d.strip_prefix("sha256:").unwrap();
+            format!("blobs/sha256/{}/{hex}", &hex[..2])
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(garage::list_objects(&s3).await, expected);
+    assert!(s3.prefix.starts_with("t-") && s3.prefix.ends_with('/'));
+    // Their sizes, as a client sees them.
+    let r = http
+        .head(format!("{base}/v2/chunks/app/blobs/{d_chunked}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        chunked_len.to_string().as_str()
+    );
+
+    // Keys in Redis (the tag, the manifest, the blob links), no blob chunk.
+    let keys = spin.redis_keys();
+    assert!(
+        keys.iter().any(|k| k.contains("_manifests/tags/v1")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.contains("_layers/sha256/")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains("kvblob/")),
+        "blob chunks in Redis: {keys:?}"
+    );
+}
+
+/// `blob_redirect`: a blob GET answers 307 to a presigned URL of the bucket; a client that
+/// follows it gets the bytes from Garage, not from Spin.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_blob_gets_redirect() {
+    let (vars, _s3) = s3_variables(&[("blob_redirect", "60".to_owned())]);
+    let spin = Spin::start(Store::Redis, &vars).await;
+    let base = spin.base();
+    let http = common::client();
+    let data = pseudo_random(3 * MIB + 17, 52);
+    let d = push_monolithic(&http, &base, "s3/redir", &data).await;
+    let no_follow = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_follow
+        .get(format!("{base}/v2/s3/redir/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["docker-content-digest"], d.as_str());
+    let url = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        url.starts_with(&garage::garage().endpoint) && url.contains("X-Amz-Signature="),
+        "{url}"
+    );
+    // A client following the redirect (reqwest's default policy) gets the right bytes.
+    let r = http
+        .get(format!("{base}/v2/s3/redir/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // From the bucket: the object's URL (the signature's date may differ by a second).
+    let object = url.split('?').next().unwrap();
+    assert_eq!(
+        r.url().as_str().split('?').next().unwrap(),
+        object,
+        "served from the bucket"
+    );
+    assert!(r.bytes().await.unwrap()[..] == data[..]);
+    // HEAD is answered by the component itself.
+    let r = no_follow
+        .head(format!("{base}/v2/s3/redir/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+}
+
+/// The spec's error envelope, `{"errors":[{"code","message",...}]}`, with its code.
+async fn envelope_code(r: reqwest::Response) -> (u16, String, String) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error envelope: {text}"))
+        .to_owned();
+    assert!(v["errors"][0]["message"].is_string(), "{text}");
+    (status, code, text)
+}
+
+/// A one-byte blob pushed in one POST: the first request that reaches the bucket.
+async fn push_one_byte(base: &str) -> reqwest::Response {
+    common::client()
+        .post(format!(
+            "{base}/v2/err/app/blobs/uploads/?digest={}",
+            sha256_digest(b"x")
+        ))
+        .header("content-type", "application/octet-stream")
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Storage that fails answers the spec's error envelope, never a trap: wrong credentials (500),
+/// an endpoint that does not answer (503 with `Retry-After`, after the S3 host's retries), an
+/// endpoint Spin does not allow (500, and Spin's log says what to set); settings that cannot
+/// work (a malformed `blobs`, `blob_redirect` without S3) answer 500 naming the variable.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_failures_answer_the_error_envelope() {
+    let g = garage::garage();
+
+    let (vars, _) = s3_variables(&[("s3_secret_key", "0".repeat(64))]);
+    let spin = Spin::start(Store::Sqlite, &vars).await;
+    let (status, code, text) = envelope_code(push_one_byte(&spin.base()).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (500, "UNKNOWN"),
+        "wrong secret key: {text}"
+    );
+    drop(spin);
+
+    let closed = free_port(); // nothing listens there
+    let (vars, _) = s3_variables(&[("s3_endpoint", format!("http://127.0.0.1:{closed}"))]);
+    let spin = Spin::start(Store::Sqlite, &vars).await;
+    let r = push_one_byte(&spin.base()).await;
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let (status, code, text) = envelope_code(r).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "UNKNOWN"),
+        "endpoint not answering: {text}"
+    );
+    drop(spin);
+
+    // The bucket's endpoint in the URL, but s3_endpoint (what Spin allows) left unset.
+    let (mut vars, _) = s3_variables(&[]);
+    vars.retain(|(k, _)| *k != "s3_endpoint");
+    vars[0].1 = format!("{}&endpoint={}", vars[0].1, g.endpoint);
+    let spin = Spin::start(Store::Sqlite, &vars).await;
+    let (status, code, text) = envelope_code(push_one_byte(&spin.base()).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (500, "UNKNOWN"),
+        "endpoint not allowed: {text}"
+    );
+    let log = spin.component_stderr();
+    assert!(
+        log.contains("not in allowed_outbound_hosts") && log.contains("s3_endpoint"),
+        "the component's log does not say what to set:\n{log}"
+    );
+    drop(spin);
+
+    for (vars, needle) in [
+        (vec![("blobs", "s3://".to_owned())], "blobs"),
+        (
+            vec![("blobs", format!("s3://{}?region=garage", g.bucket))],
+            "s3_endpoint",
+        ),
+        (vec![("blob_redirect", "60".to_owned())], "blob_redirect"),
+    ] {
+        let spin = Spin::start(Store::Sqlite, &vars).await;
+        let r = common::client()
+            .get(format!("{}/v2/", spin.base()))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, text) = envelope_code(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (500, "UNKNOWN"),
+            "{vars:?}: {text}"
+        );
+        assert!(text.contains(needle), "{vars:?}: {text}");
     }
 }
 

@@ -4,7 +4,8 @@
 //! - `server`: the native tokio/hyper server (feature `server`), with `pooled`, the directory
 //!   host with its blocking calls on tokio's blocking pool, and `hyper_client`, its outbound
 //!   HTTP client (for S3), `tls` (certificates, reloaded) and `metrics` (Prometheus).
-//! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`).
+//! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`), with `spin_http_client`, its
+//!   outbound HTTP client on spin-sdk's `http::send` (for S3).
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
 //!   with `wasi_http_client`, its outbound HTTP client on `wasi:http/outgoing-handler` (for S3).
 
@@ -23,6 +24,8 @@ pub mod tls;
 compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");
 #[cfg(all(target_arch = "wasm32", feature = "spin"))]
 mod spin;
+#[cfg(all(target_arch = "wasm32", feature = "spin"))]
+mod spin_http_client;
 #[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
 mod wasi_http;
 #[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]

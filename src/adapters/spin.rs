@@ -2,10 +2,11 @@
 //! at the repository root.
 //!
 //! It only translates. Spin's request is already an `http::Request` whose body streams, and
-//! the core's response streams back as it is. Spin gives a component a key-value store and no
-//! blob store, so blobs are chunked into the key-value store ([`KvBlobs`]). Upload records are
-//! compare-and-swapped through `wasi:keyvalue/atomics` (see [`SpinKv`]), so PATCHes racing on
-//! one session on different instances cannot both win.
+//! the core's response streams back as it is. Keys are in Spin's key-value store. Blobs are
+//! chunked into the same store ([`KvBlobs`]) unless the Spin variable `blobs` names an S3
+//! bucket: then they are objects there ([`S3Blobs`]), sent through Spin's outbound HTTP
+//! ([`SpinClient`]). Upload records are compare-and-swapped through `wasi:keyvalue/atomics`
+//! (see [`SpinKv`]), so PATCHes racing on one session on different instances cannot both win.
 //!
 //! Spin may run a fresh instance per request or serve several requests at once from one
 //! instance: nothing here is kept between requests, and there are no globals.
@@ -14,11 +15,13 @@
 //! configuration, a TOML document with an `[auth]` table), `auth_secret` (the token signing
 //! secret, a Spin secret), `auth_realm`, `auth_service`, `auth_issuer`, `auth_token_ttl`, the
 //! limits `max_manifest_bytes`, `max_blob_bytes`, `max_chunk_bytes`, `chunk_min_length`,
-//! `no_delete`, `no_tag_delete`, the failed-login limits `login_window_secs`,
+//! `no_delete`, `no_tag_delete`, `blob_redirect`, the failed-login limits `login_window_secs`,
 //! `login_failures_per_user_address`, `login_failures_per_user`, `login_failures_per_address`,
 //! `trust_forwarded_for`, and the upload limits `max_uploads`, `max_uploads_per_repository`,
 //! `upload_expiry_secs`: each is the `DOCKSIDE_*` setting of the same name, lower-cased without
-//! the prefix. Empty means unset.
+//! the prefix. Empty means unset. S3 blobs: `blobs` (`s3://bucket[/prefix]?region=..`, as
+//! `--blobs`), `s3_endpoint` (also what `spin.toml`'s `allowed_outbound_hosts` lets the
+//! component reach), `s3_access_key`, `s3_secret_key`.
 //!
 //! The client address (for the failed-login counts) is the last `spin-client-addr` header: the
 //! Spin runtime adds it to every request it hands over, after any a client sent.
@@ -26,18 +29,22 @@
 use std::cell::OnceCell;
 use std::rc::Rc;
 
+use http_body_util::Either;
 use spin_sdk::experimental::wasi::keyvalue::{atomics, batch, store as wasi_kv};
 use spin_sdk::http::{IntoResponse, Request};
 use spin_sdk::key_value::Store;
 
+use super::spin_http_client::SpinClient;
 use crate::error::StoreError;
-use crate::host::{KeyValue, page_of};
+use crate::host::{BlobStore, KeyValue, page_of};
 use crate::hosts::indexed::IndexedKv;
 use crate::hosts::kvblobs::KvReader;
 use crate::observe::AccessRecord;
-use crate::{Body, Config, KvBlobs, Registry};
+use crate::{Body, Config, KvBlobs, Registry, S3Blobs, S3Config};
 
-type Response = http::Response<Body<KvReader<SpinKv>>>;
+type S3Reader = <S3Blobs<SpinClient> as BlobStore>::Reader;
+/// The core's response over either blob store.
+type Response = http::Response<Either<Body<KvReader<SpinKv>>, Body<S3Reader>>>;
 
 #[spin_sdk::http_service]
 async fn handle(req: Request) -> impl IntoResponse {
@@ -87,18 +94,80 @@ async fn respond(mut req: Request) -> Response {
         Ok(c) => c,
         Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
     };
-    let chunk = match chunk_bytes().await {
-        Ok(c) => c,
+    let blobs = match s3_blobs().await {
+        Ok(b) => b,
         Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
     };
-    // Keys through listing indexes (Spin lists every key of the store, chunks included);
-    // chunks straight into the store, never listed.
-    let registry = Registry::new(
-        IndexedKv(store.clone()),
-        KvBlobs::with_chunk_size(store, chunk),
-        config,
-    );
-    registry.handle(req).await
+    if config.blob_redirect.is_some() && blobs.is_none() {
+        return plain_error(
+            "invalid configuration: blob_redirect needs S3 blobs (the Spin variable blobs): \
+             the key-value store cannot make presigned URLs"
+                .to_owned(),
+        );
+    }
+    // Keys through listing indexes (Spin lists every key of the store, chunks included).
+    let keys = IndexedKv(store.clone());
+    match blobs {
+        Some(s3) => Registry::new(keys, s3, config)
+            .handle(req)
+            .await
+            .map(Either::Right),
+        None => {
+            let chunk = match chunk_bytes().await {
+                Ok(c) => c,
+                Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
+            };
+            // Chunks straight into the store, never listed.
+            Registry::new(keys, KvBlobs::with_chunk_size(store, chunk), config)
+                .handle(req)
+                .await
+                .map(Either::Left)
+        }
+    }
+}
+
+/// What `spin.toml` gives `s3_endpoint` when it is not set: Spin refuses an empty entry in
+/// `allowed_outbound_hosts`, so the default is a host that can never resolve (RFC 2606's
+/// `.invalid`), read here as unset.
+const S3_ENDPOINT_UNSET: &str = "https://unset.invalid";
+
+/// The S3 blob store when the Spin variable `blobs` names a bucket (`s3://...`, as `dockside
+/// serve --blobs`), else `None`: blobs then go into the key-value store. The endpoint is the
+/// URL's `endpoint=`, else the variable `s3_endpoint` (which `spin.toml` also allows as an
+/// outbound host); credentials are `s3_access_key` and `s3_secret_key`.
+async fn s3_blobs() -> Result<Option<S3Blobs<SpinClient>>, String> {
+    let Some(url) = variable("blobs").await? else {
+        return Ok(None);
+    };
+    let endpoint = variable("s3_endpoint")
+        .await?
+        .filter(|e| e.trim_end_matches('/') != S3_ENDPOINT_UNSET);
+    let access_key = variable("s3_access_key").await?;
+    let secret_key = variable("s3_secret_key").await?;
+    let get = |k: &str| match k {
+        "DOCKSIDE_S3_ENDPOINT" => endpoint.clone(),
+        "DOCKSIDE_S3_ACCESS_KEY" => access_key.clone(),
+        "DOCKSIDE_S3_SECRET_KEY" => secret_key.clone(),
+        _ => None,
+    };
+    let s3 = S3Config::from_url(url.trim(), get).map_err(|e| {
+        format!(
+            "Spin variable blobs: {e} (the endpoint may also come from s3_endpoint, the keys \
+             from s3_access_key and s3_secret_key)"
+        )
+    })?;
+    S3Blobs::new(&s3, SpinClient)
+        .map(Some)
+        .map_err(|e| format!("Spin variable blobs: {e}"))
+}
+
+/// A Spin variable, `None` when empty or not declared.
+async fn variable(name: &str) -> Result<Option<String>, String> {
+    match spin_sdk::variables::get(name).await {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(v)),
+        Ok(_) | Err(spin_sdk::variables::Error::Undefined(_)) => Ok(None),
+        Err(e) => Err(format!("Spin variable {name}: {e:?}")),
+    }
 }
 
 /// The Spin variables read, by the `DOCKSIDE_*` setting each stands for.
@@ -135,16 +204,15 @@ const VARIABLES: &[(&str, &str)] = &[
         "max_uploads_per_repository",
     ),
     ("DOCKSIDE_UPLOAD_EXPIRY_SECS", "upload_expiry_secs"),
+    ("DOCKSIDE_BLOB_REDIRECT", "blob_redirect"),
 ];
 
 /// The configuration from Spin variables. A variable the manifest does not declare is unset.
 async fn config() -> Result<Config, String> {
     let mut values = Vec::new();
-    for (setting, variable) in VARIABLES {
-        match spin_sdk::variables::get(*variable).await {
-            Ok(v) if !v.trim().is_empty() => values.push((*setting, v)),
-            Ok(_) | Err(spin_sdk::variables::Error::Undefined(_)) => {}
-            Err(e) => return Err(format!("Spin variable {variable}: {e:?}")),
+    for (setting, name) in VARIABLES {
+        if let Some(v) = variable(name).await? {
+            values.push((*setting, v));
         }
     }
     Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))
@@ -180,7 +248,7 @@ fn plain_error(message: String) -> Response {
     http::Response::builder()
         .status(500)
         .header("content-type", "application/json")
-        .body(Body::full(body.to_string()))
+        .body(Either::Left(Body::full(body.to_string())))
         .expect("a valid response")
 }
 

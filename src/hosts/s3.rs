@@ -523,11 +523,12 @@ impl<C: HttpClient> S3Blobs<C> {
                 .filter(|&n| n <= 10_000)
                 .ok_or_else(|| StoreError::new("more than 10 000 parts in one S3 object"))
         };
-        for (i, (part, size)) in parts.iter().enumerate() {
-            let last = i + 1 == parts.len();
+        for (part, size) in parts {
             // Copied inside the store: only with nothing buffered before it (parts go in
-            // order), and only if big enough to be a part of its own (or the last).
-            if buf.is_empty() && (*size >= MIN_PART_SIZE as u64 || last) && *size > 0 {
+            // order), and only if big enough to be a part of its own. Not a short last part,
+            // though S3 allows one: Garage refuses to copy from an object it keeps inline
+            // (under 3 KiB), so a short tail is read back and uploaded (under 5 MiB of bytes).
+            if buf.is_empty() && *size >= MIN_PART_SIZE as u64 {
                 let mut start = 0;
                 while start < *size {
                     let end = (start + MAX_COPY).min(*size);
