@@ -292,7 +292,7 @@ pub fn default_password_checks() -> usize {
 const QUEUED_PER_CHECK: usize = 16;
 
 /// Runs password checks on a few threads of their own, one check per thread at a time, with up
-/// to [`QUEUED_PER_CHECK`] per thread waiting (the requests wait as tasks, holding no thread);
+/// to `QUEUED_PER_CHECK` (16) per thread waiting (the requests wait as tasks, holding no thread);
 /// beyond that, a check is refused at once ([`Busy`]: 429 with `Retry-After`). This bounds the
 /// CPU and memory password hashing can take whoever sends Basic credentials: an argon2id check
 /// allocates 19 MiB, and glibc's malloc keeps freed memory in the arena of the thread that used
