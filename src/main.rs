@@ -33,6 +33,27 @@ enum Command {
     /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
     /// standard input (one line).
     HashPassword(HashArgs),
+    /// Ask a running dockside whether it is ready (GET /ready): exit 0 if it answers 200,
+    /// 1 otherwise. For container health checks, where there is no curl.
+    Healthcheck(HealthArgs),
+    /// Print a shell completion script, e.g.
+    /// `dockside completions bash > /etc/bash_completion.d/dockside`.
+    Completions {
+        /// bash, elvish, fish, powershell or zsh.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `dockside man | man -l -`.
+    Man,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The probe to ask (plain HTTP).
+    #[arg(long, default_value = "http://127.0.0.1:5000/ready")]
+    url: String,
+    /// Seconds to wait for the whole answer.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -306,6 +327,18 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::HashPassword(args) => hash_password(args),
+        Command::Healthcheck(args) => healthcheck(&args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "dockside", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .map_err(|e| format!("cannot write the completion script: {e}"))
+        }
+        Command::Man => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .map_err(|e| format!("cannot write the manual page: {e}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -349,6 +382,46 @@ fn hash_password(args: HashArgs) -> Result<(), String> {
 
 /// The access configuration: the `--config` file, else `DOCKSIDE_AUTH_CONFIG(_FILE)`, with the
 /// `DOCKSIDE_AUTH_*` overrides from the environment.
+/// `dockside healthcheck`: one plain-HTTP GET with std's blocking socket (no runtime to start
+/// for one request), success only for a 200.
+fn healthcheck(args: &HealthArgs) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--url {}: only http:// URLs", args.url))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let timeout = Duration::from_secs(args.timeout.max(1));
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("{}: {e}", args.url))?;
+    conn.set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{}: {e}", args.url))?;
+    let mut head = Vec::new();
+    conn.take(64 * 1024)
+        .read_to_end(&mut head)
+        .map_err(|e| format!("{}: {e}", args.url))?;
+    let status_line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    match status_line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!("{} answered {status_line:?}", args.url)),
+    }
+}
+
 fn auth_config(file: Option<&PathBuf>) -> Result<Option<AuthConfig>, String> {
     let text = match file {
         Some(path) => Some(
