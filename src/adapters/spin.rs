@@ -308,21 +308,30 @@ impl KeyValue for SpinKv {
     }
 
     /// Spin lists every key of the store, with no prefix filter and no order: each listing
-    /// (a tags list, the catalog, a referrers list) reads all keys, chunk keys included.
+    /// that has no index reads all keys, chunk keys included. Through `wasi:keyvalue`'s
+    /// `list-keys`, which Spin answers with one collected list: `spin:key-value`'s streaming
+    /// `get-keys` holds the SQLite connection's lock on a blocking thread until the component
+    /// has read every key, so another request of the same instance waiting for that lock stalls
+    /// them both for good (seen under `spin up` on SQLite with concurrent layer uploads).
     async fn list(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut keys = self.store.get_keys().await;
         let mut matching = Vec::new();
-        while let Some(k) = keys.next().await {
-            if k.starts_with(prefix) {
-                matching.push(k);
+        let mut cursor = None;
+        loop {
+            let page = self
+                .bucket()?
+                .list_keys(cursor.as_deref())
+                .map_err(wasi_kv_error)?;
+            matching.extend(page.keys.into_iter().filter(|k| k.starts_with(prefix)));
+            match page.cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
             }
         }
-        keys.result().await.map_err(store_error)?;
         Ok(page_of(matching, prefix, after, limit))
     }
 
