@@ -109,6 +109,17 @@ impl Config {
     /// limits `DOCKSIDE_MAX_UPLOADS`, `DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY` and
     /// `DOCKSIDE_UPLOAD_EXPIRY_SECS`, and access control from `DOCKSIDE_AUTH_CONFIG` (a TOML
     /// document) and the overrides of [`AuthConfig::from_settings`]. Unset means the default.
+    ///
+    /// ```
+    /// let settings = [("DOCKSIDE_MAX_CHUNK_BYTES", "104857600"), ("DOCKSIDE_NO_DELETE", "1")];
+    /// let get = |k: &str| settings.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+    /// let config = dockside::Config::from_settings(get).unwrap();
+    /// assert_eq!(config.max_chunk_bytes, Some(100 * 1024 * 1024));
+    /// assert!(!config.delete_enabled);
+    /// // A malformed value is an error naming the setting, never silently ignored.
+    /// let bad = |k: &str| (k == "DOCKSIDE_MAX_BLOB_BYTES").then(|| "lots".to_owned());
+    /// assert!(dockside::Config::from_settings(bad).unwrap_err().contains("DOCKSIDE_MAX_BLOB_BYTES"));
+    /// ```
     pub fn from_settings(
         get: impl Fn(&str) -> Option<String>,
     ) -> std::result::Result<Self, String> {
@@ -161,6 +172,24 @@ impl Config {
 }
 
 /// An OCI Distribution registry over a key-value store `K` and a blob store `B`.
+///
+/// On a local directory, with deletes refused (the crate's front page shows one in memory):
+///
+/// ```
+/// use dockside::{Config, DirRegistry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// let config = Config { delete_enabled: false, ..Config::default() };
+/// let registry = DirRegistry::open_dir(dir.path(), config).unwrap();
+/// let req = http::Request::delete("/v2/hello/manifests/latest")
+///     .body(Full::new(&b""[..]))
+///     .unwrap();
+/// // 405 with the spec's UNSUPPORTED error.
+/// assert_eq!(registry.handle(req).await.status(), 405);
+/// # });
+/// ```
 ///
 /// It holds no state of its own between requests: everything lives in the two stores, so a
 /// `Registry` may be built per request (as on edge hosts) or shared (natively).
