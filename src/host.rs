@@ -24,12 +24,13 @@ pub trait KeyValue {
     /// Sets every key to its value. Hosts with a batch write override this (Spin's SQLite store
     /// writes a batch in one transaction, so one fsync instead of one per value); the default
     /// sets them one by one. Not atomic: after an error some may be set.
+    /// Takes the entries by value, so a host that needs owned bytes moves them, not copies.
     fn set_many(
         &self,
-        entries: &[(String, Bytes)],
+        entries: Vec<(String, Bytes)>,
     ) -> impl Future<Output = Result<(), StoreError>> {
         async move {
-            for (k, v) in entries {
+            for (k, v) in &entries {
                 self.set(k, v).await?;
             }
             Ok(())

@@ -129,7 +129,7 @@ impl<K: KeyValue> KeyValue for FaultyKv<K> {
         self.plan.run(self.inner.set(key, value)).await
     }
 
-    async fn set_many(&self, entries: &[(String, Bytes)]) -> Result<(), StoreError> {
+    async fn set_many(&self, entries: Vec<(String, Bytes)>) -> Result<(), StoreError> {
         self.plan.run(self.inner.set_many(entries)).await
     }
 

@@ -299,10 +299,12 @@ impl KeyValue for SpinKv {
     /// One `wasi:keyvalue/batch` `set-many`: Spin's SQLite store runs it as one transaction
     /// (one commit and its fsyncs for a batch of chunks instead of one per chunk), Redis as one
     /// round of commands.
-    async fn set_many(&self, entries: &[(String, bytes::Bytes)]) -> Result<(), StoreError> {
+    async fn set_many(&self, entries: Vec<(String, bytes::Bytes)>) -> Result<(), StoreError> {
+        // A chunk's `Bytes` is its only handle here, so `Vec::from` takes the buffer over
+        // without copying it.
         let entries: Vec<(String, Vec<u8>)> = entries
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_vec()))
+            .into_iter()
+            .map(|(k, v)| (k, Vec::from(v)))
             .collect();
         batch::set_many(self.bucket()?, &entries).map_err(wasi_kv_error)
     }

@@ -104,7 +104,6 @@ impl<K: KeyValue + Clone + 'static> BlobStore for KvBlobs<K> {
         // Full chunks wait here until they make a batch of about BATCH_BYTES, written with one
         // `set_many` (on Spin's SQLite store one transaction: one fsync per batch, not per chunk).
         let mut batch: Vec<(String, Bytes)> = Vec::new();
-        let mut batched = 0usize;
         let mut index = 0u64;
         let mut size = 0u64;
         let result: Result<(), WriteError<S::Error>> = async {
@@ -117,12 +116,9 @@ impl<K: KeyValue + Clone + 'static> BlobStore for KvBlobs<K> {
                     if buf.len() == chunk {
                         let full = std::mem::replace(&mut buf, BytesMut::with_capacity(chunk));
                         batch.push((layout::kvblob_chunk(&id, index), full.freeze()));
-                        batched += chunk;
                         index += 1;
-                        if batched >= BATCH_BYTES {
-                            self.kv.set_many(&batch).await?;
-                            batch.clear();
-                            batched = 0;
+                        if batch.len() * chunk >= BATCH_BYTES {
+                            self.kv.set_many(std::mem::take(&mut batch)).await?;
                         }
                     }
                 }
@@ -131,7 +127,7 @@ impl<K: KeyValue + Clone + 'static> BlobStore for KvBlobs<K> {
                 batch.push((layout::kvblob_chunk(&id, index), buf.split().freeze()));
             }
             if !batch.is_empty() {
-                self.kv.set_many(&batch).await?;
+                self.kv.set_many(batch).await?;
             }
             Ok(())
         }
