@@ -16,6 +16,34 @@ use crate::error::StoreError;
 
 /// A key-value store. Keys are `/`-separated strings built by [`crate::layout`]; values are
 /// small (records, links, manifests of at most a few MiB).
+///
+/// What every host provides, shown on [`crate::MemoryKv`]:
+///
+/// ```
+/// use dockside::{KeyValue, MemoryKv};
+///
+/// # futures_executor::block_on(async {
+/// let kv = MemoryKv::new();
+/// kv.set("repo/a/tag/v1", b"sha256:...").await.unwrap();
+/// kv.set("repo/a/tag/v2", b"sha256:...").await.unwrap();
+/// kv.set("repo/b/tag/v1", b"sha256:...").await.unwrap();
+/// assert_eq!(kv.get("repo/a/tag/v1").await.unwrap().as_deref(), Some(&b"sha256:..."[..]));
+///
+/// // Ordered listings by prefix, one page at a time: the cursor is the last key seen.
+/// let page = kv.list("repo/a/", None, 1).await.unwrap();
+/// assert_eq!(page, ["repo/a/tag/v1"]);
+/// let next = kv.list("repo/a/", Some(&page[0]), 10).await.unwrap();
+/// assert_eq!(next, ["repo/a/tag/v2"]);
+///
+/// // Compare-and-swap: the second writer that expected the old value loses.
+/// assert!(kv.compare_and_swap("lock", None, b"mine").await.unwrap());
+/// assert!(!kv.compare_and_swap("lock", None, b"theirs").await.unwrap());
+/// assert!(kv.compare_and_swap("lock", Some(b"mine"), b"released").await.unwrap());
+///
+/// kv.delete("repo/a/tag/v1").await.unwrap();
+/// assert_eq!(kv.get("repo/a/tag/v1").await.unwrap(), None);
+/// # });
+/// ```
 pub trait KeyValue {
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>>;
 
@@ -93,6 +121,38 @@ impl<E> From<StoreError> for WriteError<E> {
 }
 
 /// A blob store: whole objects by path, written once, read as streams or ranges.
+///
+/// Writing from any [`ByteSource`], then reading a range back, on [`crate::MemoryBlobs`]:
+///
+/// ```
+/// use bytes::Bytes;
+/// use dockside::{BlobStore, ByteSource, MemoryBlobs};
+/// use http_body_util::BodyExt;
+///
+/// /// The chunks of a vector, one at a time (the core hands the store a hashing request body).
+/// struct Chunks(std::vec::IntoIter<Bytes>);
+///
+/// impl ByteSource for Chunks {
+///     type Error = std::convert::Infallible;
+///     async fn next_chunk(&mut self) -> Option<Result<Bytes, Self::Error>> {
+///         self.0.next().map(Ok)
+///     }
+/// }
+///
+/// # futures_executor::block_on(async {
+/// let blobs = MemoryBlobs::new();
+/// let mut src = Chunks(vec![Bytes::from("hello "), Bytes::from("world")].into_iter());
+/// assert_eq!(blobs.write("objects/greeting", &mut src).await.unwrap(), 11);
+/// assert_eq!(blobs.size("objects/greeting").await.unwrap(), Some(11));
+///
+/// let reader = blobs.read("objects/greeting", Some(6..11)).await.unwrap().unwrap();
+/// let bytes = reader.collect().await.unwrap().to_bytes();
+/// assert_eq!(&bytes[..], b"world");
+///
+/// blobs.delete("objects/greeting").await.unwrap();
+/// assert!(blobs.read("objects/greeting", None).await.unwrap().is_none());
+/// # });
+/// ```
 pub trait BlobStore {
     /// A streaming reader over a blob or a range of it. Its `size_hint` is exact.
     type Reader: http_body::Body<Data = Bytes, Error = StoreError> + Unpin;

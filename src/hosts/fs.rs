@@ -64,7 +64,33 @@ fn write_file(path: &Path, data: &[u8], fsync: bool) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Key-value store
 
-/// A key-value store on a directory tree, one file per key.
+/// A key-value store on a directory tree, one file per key. With [`FsBlobs`] on the same
+/// directory, a registry that survives restarts (what `dockside serve` runs, through
+/// `adapters::pooled` so that the disk work leaves the async runtime):
+///
+/// ```
+/// use dockside::{Config, FsBlobs, FsKv, KeyValue, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// let registry = Registry::new(
+///     FsKv::new(dir.path().join("kv")).unwrap(),
+///     FsBlobs::new(dir.path()).unwrap(),
+///     Config::default(),
+/// );
+/// let digest = "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest={digest}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+/// drop(registry);
+///
+/// // Another store on the same directory (a restarted server) sees what was written.
+/// let kv = FsKv::new(dir.path().join("kv")).unwrap();
+/// assert!(!kv.list("", None, 10).await.unwrap().is_empty());
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct FsKv {
     root: PathBuf,

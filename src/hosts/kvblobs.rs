@@ -50,7 +50,28 @@ struct Object {
     segments: Vec<Segment>,
 }
 
-/// A [`BlobStore`] over a [`KeyValue`] store, in chunks of `chunk_size` bytes.
+/// A [`BlobStore`] over a [`KeyValue`] store, in chunks of `chunk_size` bytes: what the Spin
+/// component runs on Spin's key-value store. Here on [`crate::MemoryKv`], with a chunk size
+/// small enough to show the chunks:
+///
+/// ```
+/// use dockside::{Config, KeyValue, KvBlobs, MemoryKv, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let kv = MemoryKv::new();
+/// let registry = Registry::new(kv.clone(), KvBlobs::with_chunk_size(kv.clone(), 4), Config::default());
+/// let digest = "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest={digest}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+///
+/// // 11 bytes in 4-byte chunks: three chunk values in the key-value store.
+/// let chunks = kv.list("kvblob/chunk/", None, 100).await.unwrap();
+/// assert_eq!(chunks.len(), 3);
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct KvBlobs<K> {
     kv: K,

@@ -21,7 +21,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A key-value store in a `BTreeMap`, with a real compare-and-swap.
+/// A key-value store in a `BTreeMap`, with a real compare-and-swap. Clones share the map, so a
+/// registry and a test can look at the same store. Its use is shown on [`KeyValue`].
 #[derive(Clone, Default)]
 pub struct MemoryKv {
     map: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
@@ -98,7 +99,8 @@ impl KeyValue for MemoryKv {
 }
 
 /// A blob store in memory. Objects are kept as the chunks they arrived in, so writing never
-/// copies them into one big buffer.
+/// copies them into one big buffer. Clones share the objects. Its use is shown on
+/// [`BlobStore`]; a whole registry on it in the [crate documentation](crate).
 #[derive(Clone, Default)]
 pub struct MemoryBlobs {
     map: Arc<Mutex<HashMap<String, Arc<Vec<Bytes>>>>>,

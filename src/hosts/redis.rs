@@ -54,6 +54,25 @@ return 1
 static CAS_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CAS_LUA));
 
 /// A [`KeyValue`] store on Valkey/Redis. Cheap to clone: clones share the connection.
+///
+/// With blobs in S3 ([`crate::S3Blobs`]), the stores of a registry that any number of
+/// instances can serve (`dockside serve --kv redis://... --blobs s3://...` builds exactly this):
+///
+/// ```no_run
+/// use dockside::adapters::hyper_client::HyperClient;
+/// use dockside::{Config, RedisKv, Registry, S3Blobs, S3Config};
+///
+/// # #[tokio::main] async fn main() -> Result<(), String> {
+/// let kv = RedisKv::connect("redis://127.0.0.1:6379", "dockside:").await?;
+/// let s3 = S3Config::from_url(
+///     "s3://registry?endpoint=http://127.0.0.1:3900&region=garage",
+///     |name| std::env::var(name).ok(),
+/// )?;
+/// let blobs = S3Blobs::new(&s3, HyperClient::new()?)?;
+/// blobs.check().await.map_err(|e| e.to_string())?;
+/// let registry = Registry::new(kv, blobs, Config::default());
+/// # let _ = registry; Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct RedisKv {
     con: ConnectionManager,

@@ -139,6 +139,42 @@ impl S3Config {
 }
 
 /// A blob store in one S3 bucket. Cheap to clone when the client is.
+///
+/// Any [`HttpClient`] carries its requests: natively `adapters::hyper_client::HyperClient`
+/// (an example with Redis is on `RedisKv`), in the components the platform's outbound HTTP. The store prepares
+/// presigned requests itself, so a presigned GET needs no client at all:
+///
+/// ```
+/// use dockside::{HttpClient, OutBody, S3Blobs, S3Config, StoreError};
+/// use std::future::Future;
+///
+/// /// A client that sends nothing: enough to build the store and presign URLs.
+/// struct Offline;
+/// impl HttpClient for Offline {
+///     // Any body of bytes whose error is a StoreError: this one is never built.
+///     type Body = dockside::hosts::mem::MemoryReader;
+///     fn send(
+///         &self,
+///         _req: http::Request<OutBody>,
+///     ) -> impl Future<Output = Result<http::Response<Self::Body>, StoreError>> {
+///         async { Err(StoreError::new("offline")) }
+///     }
+/// }
+///
+/// let config = S3Config::from_url(
+///     "s3://registry/prod?endpoint=http://127.0.0.1:3900&region=garage",
+///     |name| match name {
+///         "AWS_ACCESS_KEY_ID" => Some("GK0123".to_owned()),
+///         "AWS_SECRET_ACCESS_KEY" => Some("secret".to_owned()),
+///         _ => None,
+///     },
+/// )
+/// .unwrap();
+/// let blobs = S3Blobs::new(&config, Offline).unwrap();
+/// let url = blobs.presigned_get("blobs/sha256/ab/abcd/data", std::time::Duration::from_secs(60));
+/// assert!(url.starts_with("http://127.0.0.1:3900/registry/prod/blobs/sha256/ab/abcd/data?"));
+/// assert!(url.contains("X-Amz-Signature="));
+/// ```
 #[derive(Clone)]
 pub struct S3Blobs<C> {
     client: C,
