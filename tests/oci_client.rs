@@ -6,7 +6,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use std::net::SocketAddr;
+
 use common::{Server, pseudo_random, sha256_digest};
+use dockside::testing::TestRegistry;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{
     IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
@@ -27,13 +30,31 @@ fn oci_client(monolithic: bool) -> Client {
     })
 }
 
-fn reference(s: &Server, repo: &str, tag: &str) -> Reference {
+/// A registry to push to: the `dockside` binary (whose access log the tests that count requests
+/// read) or the in-process test registry of `dockside::testing`, as another crate's tests use it.
+trait Target {
+    fn addr(&self) -> SocketAddr;
+}
+
+impl Target for Server {
+    fn addr(&self) -> SocketAddr {
+        Server::addr(self)
+    }
+}
+
+impl Target for TestRegistry {
+    fn addr(&self) -> SocketAddr {
+        TestRegistry::addr(self)
+    }
+}
+
+fn reference(s: &impl Target, repo: &str, tag: &str) -> Reference {
     format!("{}/{repo}:{tag}", s.addr())
         .parse()
         .expect("a valid reference")
 }
 
-fn by_digest(s: &Server, repo: &str, digest: &str) -> Reference {
+fn by_digest(s: &impl Target, repo: &str, digest: &str) -> Reference {
     Reference::with_digest(s.addr().to_string(), repo.to_owned(), digest.to_owned())
 }
 
@@ -69,7 +90,7 @@ fn upload_requests(s: &Server, method: &str, repo: &str) -> usize {
 /// Pushes an image with `client`, pulls it back and checks every byte; returns the manifest's
 /// raw bytes and digest.
 async fn push_and_pull(
-    s: &Server,
+    s: &impl Target,
     client: &Client,
     repo: &str,
     seed: u64,
@@ -183,7 +204,7 @@ async fn monolithic_push_then_pull_byte_for_byte() {
 
 #[tokio::test]
 async fn mount_between_repositories() {
-    let s = Server::start();
+    let s = TestRegistry::start();
     let client = oci_client(false);
     let data = pseudo_random(1 << 20, 3);
     let digest = sha256_digest(&data);
@@ -215,7 +236,7 @@ async fn mount_between_repositories() {
 
 #[tokio::test]
 async fn referrers_of_an_image() {
-    let s = Server::start();
+    let s = TestRegistry::start();
     let client = oci_client(false);
     let auth = RegistryAuth::Anonymous;
     let repo = "oci/referred";
