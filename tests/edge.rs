@@ -592,6 +592,27 @@ async fn s3_misconfigured_or_unreachable() {
         elapsed >= Duration::from_millis(2100),
         "the retries did not back off: {elapsed:?}"
     );
+    // Each retry and the failure are in wasmtime's stderr, as the core's `tracing` events in
+    // JSON: the operator's only view of why a request failed.
+    let events: Vec<serde_json::Value> = w
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        // wasmtime may prefix the component's output; the event is the JSON object in the line.
+        .filter_map(|l| serde_json::from_str(&l[l.find('{')?..]).ok())
+        .collect();
+    let retries = events
+        .iter()
+        .filter(|v| v["message"] == "S3 unreachable; retrying")
+        .count();
+    assert!(retries >= 3, "retries not logged: {events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|v| v["message"] == "storage failure" && v["level"] == "ERROR"),
+        "the failure is not logged: {events:?}"
+    );
 }
 
 /// Brute-force protection and admission limits in the wasi:http component, where every

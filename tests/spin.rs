@@ -1184,6 +1184,23 @@ async fn s3_failures_answer_the_error_envelope() {
         (500, "UNKNOWN"),
         "wrong secret key: {text}"
     );
+    // The client is told nothing more; the component's log (the core's `tracing` events as
+    // JSON lines on stderr) keeps what the store answered.
+    assert!(
+        !text.contains("403"),
+        "storage detail leaked to the client: {text}"
+    );
+    let log = spin.component_stderr();
+    let failure = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "storage failure")
+        .unwrap_or_else(|| panic!("no storage failure in the component's log:\n{log}"));
+    assert_eq!(failure["level"], "ERROR", "{failure}");
+    assert!(
+        failure["error"].as_str().unwrap_or("").contains("403"),
+        "the log does not keep the store's answer: {failure}"
+    );
     drop(spin);
 
     let closed = free_port(); // nothing listens there

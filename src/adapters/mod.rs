@@ -8,6 +8,7 @@
 //!   outbound HTTP client on spin-sdk's `http::send` (for S3).
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
 //!   with `wasi_http_client`, its outbound HTTP client on `wasi:http/outgoing-handler` (for S3).
+//! - `component_log`: both components' `tracing` events as JSON lines on stderr.
 
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
@@ -22,6 +23,8 @@ pub mod tls;
 
 #[cfg(all(feature = "spin", feature = "wasi-http"))]
 compile_error!("build one component at a time: feature `spin` or feature `wasi-http`");
+#[cfg(all(target_arch = "wasm32", any(feature = "spin", feature = "wasi-http")))]
+mod component_log;
 #[cfg(all(target_arch = "wasm32", feature = "spin"))]
 mod spin;
 #[cfg(all(target_arch = "wasm32", feature = "spin"))]

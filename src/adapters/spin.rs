@@ -48,6 +48,7 @@ type Response = http::Response<Either<Body<KvReader<SpinKv>>, Body<S3Reader>>>;
 
 #[spin_sdk::http_service]
 async fn handle(req: Request) -> impl IntoResponse {
+    super::component_log::install();
     let start = std::time::Instant::now();
     let (method, path, headers) = (
         req.method().clone(),

@@ -42,6 +42,7 @@ wasi::http::proxy::export!(Component);
 
 impl wasi::exports::http::incoming_handler::Guest for Component {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        super::component_log::install();
         let start = std::time::Instant::now();
         let store = match open() {
             Ok(r) => r,
