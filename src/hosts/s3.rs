@@ -5,7 +5,8 @@
 //!
 //! - **Writes** stream in constant memory: bytes are buffered up to one part (8 MiB by
 //!   default); a body that ends before that is one `PutObject`, a longer one a multipart upload
-//!   of such parts, aborted if the source or the store fails. Either way the object appears
+//!   of such parts, each uploaded while the next is received (two parts held at most),
+//!   aborted if the source or the store fails. Either way the object appears
 //!   whole or not at all.
 //! - **Reads** are one `GetObject`, with `Range` for a byte range, streamed as it arrives.
 //! - **Assemble** (an upload's parts into its blob) copies inside the store, without the bytes
@@ -22,8 +23,9 @@
 //!   [`StoreErrorKind::Unavailable`] (503); anything else (wrong credentials, no such bucket)
 //!   as a 500, with the store's error code in the log.
 
+use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -136,6 +138,21 @@ impl S3Config {
             part_size,
         })
     }
+}
+
+/// Polls both futures until one is ready: `Ok` with `a`'s output, or `Err` with `b`'s. The
+/// other is left as it is, to be polled again.
+async fn first_of<A: Future, B: Future>(
+    mut a: Pin<&mut A>,
+    mut b: Pin<&mut B>,
+) -> Result<A::Output, B::Output> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = a.as_mut().poll(cx) {
+            return Poll::Ready(Ok(r));
+        }
+        b.as_mut().poll(cx).map(Err)
+    })
+    .await
 }
 
 /// A blob store in one S3 bucket. Cheap to clone when the client is.
@@ -419,6 +436,17 @@ impl<C: HttpClient> S3Blobs<C> {
         Ok(parsed.upload_id().to_owned())
     }
 
+    /// [`Self::multipart_part`] owning its arguments, so that it can run while the write goes on.
+    async fn owned_part(
+        &self,
+        key: String,
+        upload_id: String,
+        number: u16,
+        data: Bytes,
+    ) -> Result<String, StoreError> {
+        self.multipart_part(&key, &upload_id, number, data).await
+    }
+
     async fn multipart_part(
         &self,
         key: &str,
@@ -611,22 +639,52 @@ impl<C: HttpClient> BlobStore for S3Blobs<C> {
         let key = self.key(path);
         let mut buf = BytesMut::with_capacity(self.part_size);
         let mut total = 0u64;
-        let mut upload: Option<(String, Vec<String>)> = None;
+        let mut upload_id: Option<String> = None;
+        let mut etags: Vec<String> = Vec::new();
+        // The part being uploaded while the next one is received: the client's bytes keep
+        // coming during each part's round trip to the store (with a distant store, that round
+        // trip is most of a part's time). One part in flight and one filling: two parts held.
+        // (Boxed, not `dyn`: the future stays `Send` when the client's are.)
+        let mut in_flight: Option<Pin<Box<_>>> = None;
         let result: Result<(), WriteError<S::Error>> = async {
             loop {
-                let next = src.next_chunk().await;
+                let next = {
+                    let mut chunk = pin!(src.next_chunk());
+                    loop {
+                        let Some(part) = in_flight.as_mut() else {
+                            break chunk.await;
+                        };
+                        // Whichever is ready first; an unfinished `next_chunk` is awaited on,
+                        // never dropped, so no source has to be cancel-safe.
+                        match first_of(Pin::as_mut(part), chunk.as_mut()).await {
+                            Ok(etag) => {
+                                in_flight = None;
+                                etags.push(etag?);
+                            }
+                            Err(next) => break next,
+                        }
+                    }
+                };
                 let end = next.is_none();
                 if let Some(data) = next {
                     let data = data.map_err(WriteError::Source)?;
                     total += data.len() as u64;
                     buf.extend_from_slice(&data);
                 }
-                // A full part goes up now: at most one part (and one chunk) is ever held.
-                while buf.len() >= self.part_size || (end && upload.is_some() && !buf.is_empty()) {
-                    if upload.is_none() {
-                        upload = Some((self.multipart_start(&key).await?, Vec::new()));
+                // A full part goes up now, once the one before it is stored.
+                while buf.len() >= self.part_size || (end && upload_id.is_some() && !buf.is_empty())
+                {
+                    if let Some(part) = in_flight.take() {
+                        etags.push(part.await?);
                     }
-                    let (id, etags) = upload.as_mut().expect("started");
+                    let id = match &upload_id {
+                        Some(id) => id.clone(),
+                        None => {
+                            let id = self.multipart_start(&key).await?;
+                            upload_id = Some(id.clone());
+                            id
+                        }
+                    };
                     let take = buf.len().min(self.part_size);
                     let part = buf.split_to(take).freeze();
                     let n = u16::try_from(etags.len() + 1)
@@ -635,21 +693,25 @@ impl<C: HttpClient> BlobStore for S3Blobs<C> {
                         .ok_or_else(|| {
                             StoreError::new("more than 10 000 parts in one S3 object")
                         })?;
-                    etags.push(self.multipart_part(&key, id, n, part).await?);
+                    in_flight = Some(Box::pin(self.owned_part(key.clone(), id, n, part)));
                 }
                 if end {
                     break;
                 }
             }
-            match &upload {
+            if let Some(part) = in_flight.take() {
+                etags.push(part.await?);
+            }
+            match &upload_id {
                 None => self.put_object(&key, buf.split().freeze()).await?,
-                Some((id, etags)) => self.multipart_complete(&key, id, etags).await?,
+                Some(id) => self.multipart_complete(&key, id, &etags).await?,
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            if let Some((id, _)) = &upload {
+            // A part still in flight was dropped with the error: its request is cancelled.
+            if let Some(id) = &upload_id {
                 self.multipart_abort(&key, id).await;
             }
             return Err(e);
