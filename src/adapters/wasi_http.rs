@@ -176,6 +176,7 @@ fn to_http(req: IncomingRequest) -> Result<http::Request<WasiBody>, String> {
         .map_err(|()| "request body stream already taken")?;
     builder
         .body(WasiBody {
+            waiting: None,
             stream: Some(stream),
             body: Some(body),
             response: None,
@@ -188,6 +189,8 @@ fn to_http(req: IncomingRequest) -> Result<http::Request<WasiBody>, String> {
 /// requests) as an `http_body::Body`. The stream is a child of the body resource, which may be
 /// a child of a response: they are dropped in that order (the fields' order).
 pub(super) struct WasiBody {
+    /// The pollable this body waits on, a child of `stream`: declared first, so dropped first.
+    waiting: Option<rt::Registration>,
     stream: Option<InputStream>,
     body: Option<IncomingBody>,
     response: Option<IncomingResponse>,
@@ -203,6 +206,7 @@ impl WasiBody {
             .stream()
             .map_err(|()| "response body stream already taken")?;
         Ok(WasiBody {
+            waiting: None,
             stream: Some(stream),
             body: Some(body),
             response: Some(resp),
@@ -211,6 +215,7 @@ impl WasiBody {
     }
 
     fn end(&mut self) {
+        self.waiting = None;
         self.stream = None;
         if let Some(b) = self.body.take() {
             drop(IncomingBody::finish(b));
@@ -230,12 +235,14 @@ impl http_body::Body for WasiBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StoreError>>> {
+        self.waiting = None;
         let Some(stream) = self.stream.as_ref() else {
             return Poll::Ready(None);
         };
         match stream.read(READ_SIZE) {
             Ok(chunk) if chunk.is_empty() => {
-                rt::register(stream.subscribe(), cx.waker().clone());
+                let reg = rt::register(stream.subscribe(), cx.waker().clone());
+                self.waiting = Some(reg);
                 Poll::Pending
             }
             Ok(chunk) => {
@@ -361,8 +368,15 @@ pub(super) async fn flush(stream: &OutputStream) -> Result<(), StreamError> {
 
 /// A minimal single-threaded executor over `wasi:io/poll`: futures waiting on the host register
 /// a pollable and their waker; `block_on` sleeps in `poll` until one is ready.
+///
+/// A registration lives as long as the future that made it waits on it: it is a
+/// [`Registration`], dropped when that future is polled again, finishes or is dropped. A
+/// pollable is a child of its stream, and the host traps when a stream is dropped before its
+/// children ("resource has children"); with two futures polled in turn (an S3 part uploading
+/// while the request body is read), a pollable left in the list by one poll would outlive the
+/// stream the next poll finishes with.
 pub(super) mod rt {
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
     use std::future::Future;
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
@@ -370,22 +384,49 @@ pub(super) mod rt {
     use wasi::io::poll::Pollable;
 
     thread_local! {
-        static PENDING: RefCell<Vec<(Pollable, Waker)>> = const { RefCell::new(Vec::new()) };
+        static PENDING: RefCell<Vec<(u64, Pollable, Waker)>> = const { RefCell::new(Vec::new()) };
+        static NEXT_ID: Cell<u64> = const { Cell::new(0) };
     }
 
-    /// Called by a future about to return `Pending` until `p` is ready.
-    pub fn register(p: Pollable, w: Waker) {
-        PENDING.with(|v| v.borrow_mut().push((p, w)));
+    /// A pollable waited on; dropping it takes it out of the executor's list (and drops it).
+    pub struct Registration(u64);
+
+    impl Drop for Registration {
+        fn drop(&mut self) {
+            let removed = PENDING.with(|v| {
+                let mut v = v.borrow_mut();
+                v.iter()
+                    .position(|(id, _, _)| *id == self.0)
+                    .map(|i| v.swap_remove(i))
+            });
+            // Dropped outside the borrow: a pollable's drop is a host call, nothing re-enters.
+            drop(removed);
+        }
+    }
+
+    /// Called by a future about to return `Pending` until `p` is ready; it keeps the
+    /// registration while it waits.
+    #[must_use = "the registration ends when dropped"]
+    pub fn register(p: Pollable, w: Waker) -> Registration {
+        let id = NEXT_ID.with(|n| {
+            let id = n.get();
+            n.set(id + 1);
+            id
+        });
+        PENDING.with(|v| v.borrow_mut().push((id, p, w)));
+        Registration(id)
     }
 
     /// Completes once a pollable made by `subscribe` is ready.
     pub async fn wait(subscribe: impl Fn() -> Pollable) {
+        let mut waiting: Option<Registration> = None;
         std::future::poll_fn(|cx| {
+            waiting = None;
             let p = subscribe();
             if p.ready() {
                 Poll::Ready(())
             } else {
-                register(p, cx.waker().clone());
+                waiting = Some(register(p, cx.waker().clone()));
                 Poll::Pending
             }
         })
@@ -404,9 +445,9 @@ pub(super) mod rt {
                 // Pending without a pollable: something was woken synchronously. Poll again.
                 continue;
             }
-            let refs: Vec<&Pollable> = pending.iter().map(|(p, _)| p).collect();
+            let refs: Vec<&Pollable> = pending.iter().map(|(_, p, _)| p).collect();
             for i in wasi::io::poll::poll(&refs) {
-                pending[i as usize].1.wake_by_ref();
+                pending[i as usize].2.wake_by_ref();
             }
         }
     }

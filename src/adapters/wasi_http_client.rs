@@ -56,7 +56,9 @@ impl HttpClient for WasiClient {
         // that stopped reading. Either way, the answer says what happened.
         let pumped = {
             let mut write = std::pin::pin!(write_body(body, out_body));
+            let mut waiting = None;
             std::future::poll_fn(|cx| {
+                waiting = None;
                 if let Poll::Ready(r) = write.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
@@ -65,7 +67,7 @@ impl HttpClient for WasiClient {
                     // The unfinished body is dropped: the host knows it is incomplete.
                     return Poll::Ready(None);
                 }
-                rt::register(answered, cx.waker().clone());
+                waiting = Some(rt::register(answered, cx.waker().clone()));
                 Poll::Pending
             })
             .await
@@ -104,11 +106,16 @@ impl HttpClient for WasiClient {
         let deadline = now().saturating_add(nanos);
         // The clock decides, not the pollable: a fresh timer pollable may not report ready on
         // its first `ready()` even past its deadline (wasmtime), and one is made per wait.
+        let mut waiting = None;
         std::future::poll_fn(|cx| {
+            waiting = None;
             if now() >= deadline {
                 Poll::Ready(())
             } else {
-                rt::register(subscribe_instant(deadline), cx.waker().clone());
+                waiting = Some(rt::register(
+                    subscribe_instant(deadline),
+                    cx.waker().clone(),
+                ));
                 Poll::Pending
             }
         })
