@@ -30,7 +30,7 @@
 //!                                                              (when upstream last confirmed it)
 //!
 //! pull-through mirror (crate::mirror)
-//! ├── mirror-tokens/<sha256(upstream url, scope)>             upstream Bearer token {"token","expires"}
+//! ├── mirror-tokens/<sha256(upstream url, user, scope)>       upstream Bearer token {"token","expires"}
 //! └── mirror-leases/<alg>/<hex>                               who fetches a blob from upstream now:
 //!                                                              {"owner","expires"}
 //!
@@ -291,11 +291,11 @@ pub fn mirror_tag(name: &RepoName, tag: &Tag) -> String {
     format!("{}/_mirror/tags/{tag}", repo(name))
 }
 
-/// An upstream token for `scope`, per upstream URL (hashed: URLs hold `/` and `:`).
-pub fn mirror_token(upstream_url: &str, scope: &str) -> String {
+/// An upstream token for `scope`, per upstream URL and user (hashed: URLs hold `/` and `:`).
+pub fn mirror_token(upstream_url: &str, user: &str, scope: &str) -> String {
     let d = Digest::of(
         crate::digest::Algorithm::Sha256,
-        format!("{upstream_url}\n{scope}").as_bytes(),
+        format!("{upstream_url}\n{user}\n{scope}").as_bytes(),
     );
     format!("mirror-tokens/{}", d.hex())
 }

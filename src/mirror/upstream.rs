@@ -143,7 +143,9 @@ pub(crate) async fn send<K: KeyValue>(
     accept: Option<&str>,
     scope: &str,
 ) -> Result<Response<UpBody>, StoreError> {
-    let token_key = layout::mirror_token(&up.url, scope);
+    // Per identity: an anonymous upstream entry must never use a token got with credentials.
+    let who = up.username.as_deref().unwrap_or("");
+    let token_key = layout::mirror_token(&up.url, who, scope);
     let now = crate::auth::now_secs();
     // A fixed token, else a cached one still valid for a while.
     let mut auth = match &up.token {
