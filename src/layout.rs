@@ -248,6 +248,34 @@ pub fn listing_index(prefix: &str) -> String {
     format!("listing-index/{prefix}")
 }
 
+/// When the mirror last confirmed upstream what tag `tag` of `name` points at.
+pub fn mirror_tag(name: &RepoName, tag: &Tag) -> String {
+    format!("{}/_mirror/tags/{tag}", repo(name))
+}
+
+/// An upstream token for `scope`, per upstream URL and user (hashed: URLs hold `/` and `:`).
+pub fn mirror_token(upstream_url: &str, user: &str, scope: &str) -> String {
+    let d = Digest::of(
+        crate::digest::Algorithm::Sha256,
+        format!("{upstream_url}\n{user}\n{scope}").as_bytes(),
+    );
+    format!("mirror-tokens/{}", d.hex())
+}
+
+/// The lease of whoever fetches blob `digest` from an upstream.
+pub fn mirror_lease(digest: &Digest) -> String {
+    format!(
+        "mirror-leases/{}/{}",
+        digest.algorithm().as_str(),
+        digest.hex()
+    )
+}
+
+/// Where a blob fetched from an upstream is written before its digest is checked.
+pub fn mirror_fetch(nonce: &str) -> String {
+    format!("uploads/mirror-{nonce}/blob")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,32 +312,4 @@ mod tests {
             assert_eq!(listing_of(&unlisted), None, "{unlisted}");
         }
     }
-}
-
-/// When the mirror last confirmed upstream what tag `tag` of `name` points at.
-pub fn mirror_tag(name: &RepoName, tag: &Tag) -> String {
-    format!("{}/_mirror/tags/{tag}", repo(name))
-}
-
-/// An upstream token for `scope`, per upstream URL and user (hashed: URLs hold `/` and `:`).
-pub fn mirror_token(upstream_url: &str, user: &str, scope: &str) -> String {
-    let d = Digest::of(
-        crate::digest::Algorithm::Sha256,
-        format!("{upstream_url}\n{user}\n{scope}").as_bytes(),
-    );
-    format!("mirror-tokens/{}", d.hex())
-}
-
-/// The lease of whoever fetches blob `digest` from an upstream.
-pub fn mirror_lease(digest: &Digest) -> String {
-    format!(
-        "mirror-leases/{}/{}",
-        digest.algorithm().as_str(),
-        digest.hex()
-    )
-}
-
-/// Where a blob fetched from an upstream is written before its digest is checked.
-pub fn mirror_fetch(nonce: &str) -> String {
-    format!("uploads/mirror-{nonce}/blob")
 }
