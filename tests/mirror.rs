@@ -441,8 +441,10 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
         auth: None,
     };
     let (first, _) = seeder.image("library/alpine", "latest", 1).await;
+    // Every name, and `hub/<name>` with Docker Hub's rule (`hub/alpine` is `library/alpine`).
     let config = format!(
-        "tag_ttl_secs = 3\n[[upstream]]\nurl = \"{}\"\n",
+        "tag_ttl_secs = 3\n[[upstream]]\nurl = \"{0}\"\n\n\
+         [[upstream]]\nurl = \"{0}\"\nprefix = \"hub/\"\nlibrary = true\n",
         up.base_url()
     );
     let mirror = start_mirror(&config, tmp.path(), None);
@@ -467,6 +469,8 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     assert_eq!((s, &b), (StatusCode::OK, &second));
     assert_eq!(d2, sha256_digest(&second));
     assert!(upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest") > heads);
+    let (s, _, d4, _) = get(&http, &mb, "/v2/hub/alpine/manifests/latest", &[]).await;
+    assert_eq!((s, d4), (StatusCode::OK, d2.clone()));
     // containerd's form: the upstream's own name and ?ns=<its host>.
     let ns = up.addr().to_string();
     let (s, _, d3, _) = get(
