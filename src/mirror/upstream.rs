@@ -32,7 +32,7 @@ pub type UpBody = Pin<Box<dyn http_body::Body<Data = Bytes, Error = StoreError> 
 #[cfg(target_arch = "wasm32")]
 pub type UpBody = Pin<Box<dyn http_body::Body<Data = Bytes, Error = StoreError>>>;
 
-/// [`HttpClient`] behind a trait object, so the registry's type does not grow a parameter.
+/// [`crate::HttpClient`] behind a trait object, so the registry's type does not grow a parameter.
 #[cfg(not(target_arch = "wasm32"))]
 pub trait UpstreamClient: Send + Sync {
     fn send_boxed(
