@@ -24,13 +24,22 @@
 //!     ├── _manifests/tags/<tag>                               "<alg>:<hex>" of the tagged manifest
 //!     ├── _referrers/<alg>/<hex>/<ref-alg>/<ref-hex>          descriptor (JSON) of a manifest in
 //!     │                                                        <name> whose subject is <alg>:<hex>
-//!     └── _uploads/<uuid>                                     upload session (JSON): algorithm,
-//!                                                              offset, running hash state, parts
+//!     ├── _uploads/<uuid>                                     upload session (JSON): algorithm,
+//!     │                                                        offset, running hash state, parts
+//!     └── _mirror/tags/<tag>                                  a mirrored tag: {"digest","checked"}
+//!                                                              (when upstream last confirmed it)
+//!
+//! pull-through mirror (crate::mirror)
+//! ├── mirror-tokens/<sha256(upstream url, user, scope)>       upstream Bearer token {"token","expires"}
+//! └── mirror-leases/<alg>/<hex>                               who fetches a blob from upstream now:
+//!                                                              {"owner","expires"}
 //!
 //! blob store
 //! ├── blobs/<alg>/<hex[0..2]>/<hex>                           content, stored once, shared by every
 //! │                                                            repository that links it
-//! └── uploads/<uuid>/<offset>-<nonce>                         parts of an upload in progress
+//! ├── uploads/<uuid>/<offset>-<nonce>                         parts of an upload in progress
+//! └── uploads/mirror-<nonce>/blob                             a blob arriving from an upstream,
+//!                                                              moved to blobs/ once verified
 //!
 //! listing indexes (crate::hosts::indexed, for key-value stores that cannot list by prefix)
 //! ├── listing-index/<listing prefix>                          sorted JSON array of the keys below
@@ -237,6 +246,34 @@ pub fn listing_index_marker() -> &'static str {
 /// The key holding the listing index of `prefix` (see [`listing_of`]).
 pub fn listing_index(prefix: &str) -> String {
     format!("listing-index/{prefix}")
+}
+
+/// When the mirror last confirmed upstream what tag `tag` of `name` points at.
+pub fn mirror_tag(name: &RepoName, tag: &Tag) -> String {
+    format!("{}/_mirror/tags/{tag}", repo(name))
+}
+
+/// An upstream token for `scope`, per upstream URL and user (hashed: URLs hold `/` and `:`).
+pub fn mirror_token(upstream_url: &str, user: &str, scope: &str) -> String {
+    let d = Digest::of(
+        crate::digest::Algorithm::Sha256,
+        format!("{upstream_url}\n{user}\n{scope}").as_bytes(),
+    );
+    format!("mirror-tokens/{}", d.hex())
+}
+
+/// The lease of whoever fetches blob `digest` from an upstream.
+pub fn mirror_lease(digest: &Digest) -> String {
+    format!(
+        "mirror-leases/{}/{}",
+        digest.algorithm().as_str(),
+        digest.hex()
+    )
+}
+
+/// Where a blob fetched from an upstream is written before its digest is checked.
+pub fn mirror_fetch(nonce: &str) -> String {
+    format!("uploads/mirror-{nonce}/blob")
 }
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ pub mod http_client;
 pub mod layout;
 mod lists;
 mod manifests;
+pub mod mirror;
 mod names;
 pub mod observe;
 mod registry;

@@ -299,6 +299,11 @@ struct ServeArgs {
         value_name = "N"
     )]
     max_uploads_per_repository: u64,
+
+    /// Be a pull-through mirror of other registries: a TOML file naming the upstreams (URL,
+    /// credentials, which local names map to them). See the README, "Mirror".
+    #[arg(long, env = "DOCKSIDE_MIRROR_CONFIG", value_name = "FILE")]
+    mirror_config: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -436,6 +441,22 @@ fn auth_config(file: Option<&PathBuf>) -> Result<Option<AuthConfig>, String> {
     })
 }
 
+/// The mirror configuration of `--mirror-config`, with the native client for its upstreams.
+fn mirror_config(file: Option<&PathBuf>) -> Result<Option<Arc<dockside::mirror::Mirror>>, String> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let client = Arc::new(HyperClient::new()?);
+    let m = dockside::mirror::Mirror::from_toml(&text, client)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    for u in &m.upstreams {
+        tracing::info!(upstream = %u.url, prefix = %u.prefix, "mirroring");
+    }
+    Ok(Some(Arc::new(m)))
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let json = args.log_format == LogFormat::Json;
     let auth = auth_config(args.config.as_ref())?;
@@ -483,6 +504,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_uploads: args.max_uploads,
         max_uploads_per_repository: args.max_uploads_per_repository,
         upload_expiry_secs: args.upload_expiry_secs,
+        mirror: mirror_config(args.mirror_config.as_ref())?,
         ..Config::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

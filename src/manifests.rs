@@ -42,7 +42,7 @@ pub(crate) struct StoredManifest {
     pub bytes: Bytes,
 }
 
-fn encode_record(media_type: &str, subject: Option<&Digest>, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_record(media_type: &str, subject: Option<&Digest>, bytes: &[u8]) -> Vec<u8> {
     let header = RecordHeader {
         media_type: media_type.to_owned(),
         subject: subject.map(Digest::to_string),
@@ -225,12 +225,12 @@ fn validate(bytes: &[u8], content_type: &str) -> Result<Parsed> {
     })
 }
 
-enum ManifestRef {
+pub(crate) enum ManifestRef {
     Tag(Tag),
     Digest(Digest),
 }
 
-fn parse_reference(s: &str) -> Result<ManifestRef> {
+pub(crate) fn parse_reference(s: &str) -> Result<ManifestRef> {
     if s.contains(':') {
         Ok(ManifestRef::Digest(Digest::parse(s)?))
     } else {
@@ -250,7 +250,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
     }
 
-    async fn resolve_tag(&self, name: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+    pub(crate) async fn resolve_tag(&self, name: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
         let Some(v) = self.kv.get(&layout::tag(name, tag)).await? else {
             return Ok(None);
         };

@@ -72,6 +72,8 @@ pub struct Config {
     /// stops counting towards the limits above; 0: never stale (sessions then count for a
     /// day).
     pub upload_expiry_secs: u64,
+    /// A pull-through mirror of other registries (`crate::mirror`); `None`, the default: none.
+    pub mirror: Option<Arc<crate::mirror::Mirror>>,
 }
 
 impl Default for Config {
@@ -88,6 +90,7 @@ impl Default for Config {
             drain_limit: 8 * 1024 * 1024,
             auth: None,
             blob_redirect: None,
+            mirror: None,
             password_checks: None,
             login_limits: LoginLimits::default(),
             trust_forwarded_for: false,
@@ -363,6 +366,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         };
         let sub = caller.subject();
+        if let Some(mirror) = &self.config.mirror
+            && let Some(r) = self.mirror_route(mirror, &route, m, &q, h).await
+        {
+            return r;
+        }
         match route {
             Route::Base => match *m {
                 Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
@@ -502,6 +510,48 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         }
         Err(not_found())
+    }
+
+    /// Answers a request for a mirrored name (`crate::mirror`): pulls fill from the upstream,
+    /// writes are refused unless allowed; `None` for names that are not mirrored.
+    async fn mirror_route(
+        &self,
+        mirror: &crate::mirror::Mirror,
+        route: &Route,
+        m: &Method,
+        q: &Query,
+        h: &http::HeaderMap,
+    ) -> Option<Result<RegistryResponse<B>>> {
+        let max = self.config.max_name_length;
+        let target = |name: &RepoName| mirror.target(name, q.get("ns"), max);
+        let pull = matches!(*m, Method::GET | Method::HEAD);
+        let head = *m == Method::HEAD;
+        match route {
+            Route::Manifest(name, reference) if pull => {
+                let t = target(name)?;
+                Some(self.mirror_manifest(&t, reference, head).await)
+            }
+            Route::Blob(name, digest) if pull => {
+                let t = target(name)?;
+                Some(self.mirror_blob(&t, digest, h, head).await)
+            }
+            Route::Manifest(name, _)
+            | Route::Blob(name, _)
+            | Route::UploadStart(name)
+            | Route::Upload(name, _)
+                if !mirror.allow_push =>
+            {
+                target(name)?;
+                Some(Err(Error::new(
+                    ErrorCode::Unsupported,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!(
+                        "{name} is a mirror of another registry: pushes and deletes are refused"
+                    ),
+                )))
+            }
+            _ => None,
+        }
     }
 
     fn password_checks(&self) -> Option<&dyn PasswordChecks> {

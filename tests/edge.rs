@@ -710,3 +710,74 @@ async fn login_throttle_and_upload_caps() {
         200
     );
 }
+
+/// The pull-through mirror in the wasi:http component (`DOCKSIDE_MIRROR_CONFIG`), its upstream
+/// a native `dockside serve` with token auth reached through wasi:http/outgoing-handler. Every
+/// request is a fresh instance: the token and the one-fetch lease live in the key-value store.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_through_the_wasi_component() {
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(&auth, auth_toml()).unwrap();
+    let up = common::Server::builder()
+        .arg("--config")
+        .arg(&auth)
+        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
+        .start();
+    let http = common::client();
+    let base = up.base_url();
+    let layer = pseudo_random(4 * 1024 * 1024 + 1, 77);
+    let ld = sha256(&layer);
+    let r = http
+        .post(format!("{base}/v2/team/app/blobs/uploads/?digest={ld}"))
+        .basic_auth("alice", Some("alice-pw"))
+        .body(layer.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let config = format!(
+        "[[upstream]]\nurl = \"{base}\"\nprefix = \"up/\"\nusername = \"alice\"\npassword = \"alice-pw\"\n"
+    );
+    let w = serve_with(&[("DOCKSIDE_MIRROR_CONFIG", config)], |_| {});
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (http, url) = (
+            http.clone(),
+            format!("http://{}/v2/up/team/app/blobs/{ld}", w.addr),
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            sha256(&r.bytes().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), ld);
+    }
+    let count = |needle: &str| up.log_lines().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(&format!("GET /v2/team/app/blobs/{ld} 200")), 1);
+    assert_eq!(count("GET /token 200"), 1);
+    let r = http
+        .get(format!("http://{}/v2/up/team/app/blobs/{ld}", w.addr))
+        .header("range", "bytes=0-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), layer[..4]);
+    drop(up);
+    let r = http
+        .get(format!("http://{}/v2/up/team/app/blobs/{ld}", w.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let missing = sha256(b"not cached");
+    let r = http
+        .get(format!("http://{}/v2/up/team/app/blobs/{missing}", w.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+}

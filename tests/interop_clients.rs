@@ -31,3 +31,6 @@ mod podman;
 
 #[path = "interop/tls.rs"]
 mod tls;
+
+#[path = "interop/mirror.rs"]
+mod mirror;

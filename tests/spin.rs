@@ -1357,3 +1357,136 @@ async fn limits_across_instances(store: Store) {
         .unwrap();
     assert_eq!(r.status(), 202);
 }
+
+/// The pull-through mirror under `spin up` (README, "Mirror"): the upstream a native
+/// `dockside serve` with token auth, reached through Spin's outbound HTTP (allowed by the
+/// variable `mirror_upstream`). Every request is a fresh instance, so the upstream token and
+/// the one-fetch lease can only be in the key-value store.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_through_spin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(&auth, auth_toml()).unwrap();
+    let up = common::Server::builder()
+        .arg("--config")
+        .arg(&auth)
+        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
+        .start();
+    let http = common::client();
+    let base = up.base_url();
+    let push = |path: String, body: Vec<u8>, ct: &'static str| {
+        let http = http.clone();
+        async move {
+            let r = http
+                .request(
+                    if path.contains("/manifests/") {
+                        reqwest::Method::PUT
+                    } else {
+                        reqwest::Method::POST
+                    },
+                    path,
+                )
+                .basic_auth("alice", Some("alice-pw"))
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        }
+    };
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let layer = pseudo_random(8 * 1024 * 1024 + 3, 42);
+    let (cd, ld) = (sha256_digest(&config), sha256_digest(&layer));
+    for (d, b) in [(&cd, &config), (&ld, &layer)] {
+        let url = format!("{base}/v2/team/app/blobs/uploads/?digest={d}");
+        push(url, b.clone(), "application/octet-stream").await;
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    }))
+    .unwrap();
+    let url = format!("{base}/v2/team/app/manifests/v1");
+    push(
+        url,
+        manifest.clone(),
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    .await;
+
+    let mirror_config = format!(
+        "[[upstream]]\nurl = \"{base}\"\nprefix = \"up/\"\nusername = \"alice\"\npassword = \"alice-pw\"\n"
+    );
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            ("mirror_config", mirror_config),
+            ("mirror_upstream", base.clone()),
+        ],
+    )
+    .await;
+    let sb = spin.base();
+    let r = http
+        .get(format!("{sb}/v2/up/team/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+
+    // Four instances ask for the uncached layer at once: one upstream fetch.
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (http, url) = (http.clone(), format!("{sb}/v2/up/team/app/blobs/{ld}"));
+        tasks.push(tokio::spawn(async move {
+            let r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            sha256_digest(&r.bytes().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), ld);
+    }
+    let count = |needle: &str| up.log_lines().iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(&format!("GET /v2/team/app/blobs/{ld} 200")), 1);
+    // The token from the first request served the others (kept in Spin's key-value store).
+    assert_eq!(count("GET /token 200"), 1, "{}", up.log_lines().join("\n"));
+
+    // Range from the cache; pushes refused; upstream stopped, the cached layer still served.
+    let r = http
+        .get(format!("{sb}/v2/up/team/app/blobs/{ld}"))
+        .header("range", "bytes=5-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), layer[5..10]);
+    let r = http
+        .post(format!("{sb}/v2/up/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    drop(up);
+    let r = http
+        .get(format!("{sb}/v2/up/team/app/blobs/{ld}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), ld);
+    let r = http
+        .get(format!("{sb}/v2/up/team/other/blobs/{cd}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "{}", spin.component_stderr());
+}

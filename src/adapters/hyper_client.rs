@@ -113,3 +113,21 @@ impl http_body::Body for ResponseBody {
         self.inner.size_hint()
     }
 }
+
+/// The mirror's upstream client (`crate::mirror`): hyper's futures are `Send`.
+impl crate::mirror::UpstreamClient for HyperClient {
+    fn send_boxed(
+        &self,
+        req: http::Request<OutBody>,
+    ) -> crate::mirror::BoxFuture<'_, Result<http::Response<crate::mirror::UpBody>, StoreError>>
+    {
+        Box::pin(async move {
+            let r = self.send(req).await?;
+            Ok(r.map(|b| Box::pin(b) as crate::mirror::UpBody))
+        })
+    }
+
+    fn sleep_boxed(&self, d: Duration) -> crate::mirror::BoxFuture<'_, ()> {
+        Box::pin(tokio::time::sleep(d))
+    }
+}

@@ -216,7 +216,20 @@ async fn config() -> Result<Config, String> {
             values.push((*setting, v));
         }
     }
-    Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))
+    let mut config =
+        Config::from_settings(|k| values.iter().find(|(s, _)| *s == k).map(|(_, v)| v.clone()))?;
+    // A pull-through mirror (README, "Mirror"): its upstreams must also be allowed outbound
+    // hosts, which `spin.toml` takes from the variable `mirror_upstream`.
+    if let Some(text) = variable("mirror_config").await? {
+        let client = std::sync::Arc::new(SpinClient);
+        let m = crate::mirror::Mirror::from_toml(&text, client)
+            .map_err(|e| format!("Spin variable mirror_config: {e}"))?;
+        // `Config` holds an `Arc` (shared across threads natively); wasm has one thread.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let m = std::sync::Arc::new(m);
+        config.mirror = Some(m);
+    }
+    Ok(config)
 }
 
 /// The largest chunk value: local Spin caps a key-value value at 128 MiB, and the component

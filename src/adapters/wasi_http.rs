@@ -105,6 +105,17 @@ fn open() -> Result<Store, String> {
         ("DOCKSIDE_AUTH_CONFIG", Some(text)) => Some(text.clone()),
         _ => env(k),
     })?;
+    // A pull-through mirror (README, "Mirror"): the TOML of --mirror-config, its upstream
+    // requests through wasi:http/outgoing-handler.
+    let mut config = config;
+    if let Some(text) = env("DOCKSIDE_MIRROR_CONFIG") {
+        let m = crate::mirror::Mirror::from_toml(&text, std::sync::Arc::new(WasiClient))
+            .map_err(|e| format!("DOCKSIDE_MIRROR_CONFIG: {e}"))?;
+        // `Config` holds an `Arc` (shared across threads natively); wasm has one thread.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let m = std::sync::Arc::new(m);
+        config.mirror = Some(m);
+    }
     let data = std::env::var("DOCKSIDE_DATA").unwrap_or_else(|_| "/data".to_owned());
     let unusable = |e: std::io::Error| {
         format!(

@@ -24,6 +24,11 @@ pub(crate) struct Dockerd {
 
 impl Dockerd {
     pub(crate) fn start() -> Dockerd {
+        Dockerd::start_with(&[])
+    }
+
+    /// A daemon with `extra` flags (e.g. `--registry-mirror URL`).
+    pub(crate) fn start_with(extra: &[&str]) -> Dockerd {
         let dockerd = require_tool(
             "docker",
             &[PathBuf::from("/usr/sbin/dockerd"), PathBuf::from("dockerd")],
@@ -57,6 +62,7 @@ impl Dockerd {
                 "--ip6tables=false",
                 "--bridge=none",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)

@@ -1,0 +1,21 @@
+//! A pull-through mirror: repositories whose names map to an upstream registry are filled from it
+//! on demand, then served from the local stores like any other repository.
+//!
+//! Everything here is core: the adapter supplies only the configuration ([`Mirror::from_toml`])
+//! and an outbound client ([`UpstreamClient`], implemented for every [`crate::HttpClient`]).
+//! State lives in the key-value store (tokens, tag freshness, fetch leases: see
+//! [`crate::layout`]), never in memory, so edge instances that come and go share it.
+//!
+//! - `config`: upstreams and how local names map to them (prefixes, Docker Hub's `library/`,
+//!   containerd's `?ns=`).
+//! - `upstream`: requests to an upstream with its Bearer challenge flow, redirects followed.
+//! - `fetch`: manifests (by digest forever, by tag with a TTL then a revalidating HEAD) and
+//!   blobs (one fetch per digest under a lease, verified before they become visible).
+
+mod config;
+mod fetch;
+mod upstream;
+
+pub(crate) use config::Target;
+pub use config::{Mirror, Upstream};
+pub use upstream::{BoxFuture, UpBody, UpstreamClient};

@@ -1,0 +1,585 @@
+//! The pull-through mirror (`--mirror-config`, src/mirror) against real upstreams on loopback:
+//! another `dockside serve`, with token authentication or without, seeded over HTTP with
+//! multi-platform images. Everything goes through the HTTP surface; upstream requests are
+//! counted from the upstream's own access log.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Server, client, pseudo_random, sha256_digest};
+use reqwest::StatusCode;
+use serde_json::json;
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const ACCEPT: &str =
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+
+/// Upstream access control: `alice` pulls `team/**`, anyone pulls `public/*`, `admin` does
+/// everything (seeding). No realm: dockside derives it from the request (`/token`).
+fn upstream_auth() -> String {
+    let h = |p: &str| bcrypt::hash(p, 4).unwrap();
+    format!(
+        r#"
+[auth]
+service = "upstream"
+secret = "mirror-test-secret-mirror-test-secret-0123"
+
+[[auth.users]]
+name = "alice"
+password_hash = "{}"
+
+[[auth.users]]
+name = "admin"
+password_hash = "{}"
+
+[[auth.rules]]
+repositories = ["team/**"]
+users = ["alice"]
+actions = ["pull"]
+
+[[auth.rules]]
+repositories = ["public/*"]
+users = ["anonymous"]
+actions = ["pull"]
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["admin"]
+actions = ["*"]
+"#,
+        h("alice-pw"),
+        h("admin-pw")
+    )
+}
+
+fn start_upstream(auth: bool, dir: &Path) -> Server {
+    let mut b = Server::builder();
+    if auth {
+        let f = dir.join("upstream-auth.toml");
+        std::fs::write(&f, upstream_auth()).unwrap();
+        b = b.arg("--config").arg(f);
+    }
+    b.start()
+}
+
+fn start_mirror(config: &str, dir: &Path, data: Option<&Path>) -> Server {
+    let f = dir.join(format!("mirror-{}.toml", sha256_digest(config.as_bytes())));
+    std::fs::write(&f, config).unwrap();
+    let mut b = Server::builder().arg("--mirror-config").arg(f);
+    if let Some(d) = data {
+        b = b.data_dir(d);
+    }
+    b.start()
+}
+
+struct Seeder {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<(&'static str, &'static str)>,
+}
+
+impl Seeder {
+    fn req(&self, m: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.http.request(m, url);
+        match self.auth {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
+    }
+
+    async fn blob(&self, repo: &str, data: Vec<u8>) -> String {
+        let d = sha256_digest(&data);
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                format!("{}/v2/{repo}/blobs/uploads/?digest={d}", self.base),
+            )
+            .header("content-type", "application/octet-stream")
+            .body(data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        d
+    }
+
+    async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
+        let r = self
+            .req(
+                reqwest::Method::PUT,
+                format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            )
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "{}",
+            r.text().await.unwrap()
+        );
+        sha256_digest(body)
+    }
+
+    /// A two-platform image (index → two manifests → config and one layer each) at
+    /// `repo:tag`; returns the index's bytes and every blob.
+    async fn image(&self, repo: &str, tag: &str, seed: u64) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut blobs = Vec::new();
+        let mut manifests = Vec::new();
+        for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
+            let config =
+                format!(r#"{{"architecture":"{arch}","os":"linux","seed":{seed}}}"#).into_bytes();
+            let layer = pseudo_random(300_000 + i * 1000, seed * 10 + i as u64);
+            let cd = self.blob(repo, config.clone()).await;
+            let ld = self.blob(repo, layer.clone()).await;
+            let m = serde_json::to_vec(&json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": layer.len()}],
+            }))
+            .unwrap();
+            let md = self
+                .manifest(repo, &sha256_digest(&m), OCI_MANIFEST, &m)
+                .await;
+            manifests.push(
+                json!({"mediaType": OCI_MANIFEST, "digest": md, "size": m.len(),
+                "platform": {"architecture": arch, "os": "linux"}}),
+            );
+            blobs.push(config);
+            blobs.push(layer);
+        }
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests,
+        }))
+        .unwrap();
+        self.manifest(repo, tag, OCI_INDEX, &index).await;
+        (index, blobs)
+    }
+}
+
+/// GETs `path` on `base`; status, content type, digest header, body.
+async fn get(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String, String, Vec<u8>) {
+    let mut r = http.get(format!("{base}{path}")).header("accept", ACCEPT);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let s = r.status();
+    let h = |n: &str| {
+        r.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let (ct, d) = (h("content-type"), h("docker-content-digest"));
+    (s, ct, d, r.bytes().await.unwrap().to_vec())
+}
+
+/// How many requests the upstream answered whose access-log line contains `needle`.
+fn upstream_count(up: &Server, needle: &str) -> usize {
+    up.log_lines().iter().filter(|l| l.contains(needle)).count()
+}
+
+/// Pulls the whole image `repo:tag` through the mirror and checks it byte for byte against
+/// the upstream (same bytes, Content-Type and digest for every manifest).
+async fn pull_and_compare(
+    http: &reqwest::Client,
+    mirror: &str,
+    up: &str,
+    repo: &str,
+    up_repo: &str,
+    tag: &str,
+    up_auth: (&str, &str),
+) {
+    let up_get = |path: String| {
+        let http = http.clone();
+        let up = up.to_owned();
+        let (u, p) = (up_auth.0.to_owned(), up_auth.1.to_owned());
+        async move {
+            let r = http
+                .get(format!("{up}{path}"))
+                .header("accept", ACCEPT)
+                .basic_auth(u, Some(p))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "upstream {path}");
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            (ct, r.bytes().await.unwrap().to_vec())
+        }
+    };
+    let (s, ct, d, index) = get(http, mirror, &format!("/v2/{repo}/manifests/{tag}"), &[]).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&index));
+    let (uct, uindex) = up_get(format!("/v2/{up_repo}/manifests/{tag}")).await;
+    assert_eq!((ct.as_str(), &index), (uct.as_str(), &uindex));
+    assert_eq!(d, sha256_digest(&index));
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    for m in index["manifests"].as_array().unwrap() {
+        let md = m["digest"].as_str().unwrap();
+        let (s, ct, d, mb) = get(http, mirror, &format!("/v2/{repo}/manifests/{md}"), &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        let (uct, umb) = up_get(format!("/v2/{up_repo}/manifests/{md}")).await;
+        assert_eq!((ct, &mb, d.as_str()), (uct, &umb, md));
+        let mv: serde_json::Value = serde_json::from_slice(&mb).unwrap();
+        let mut descs = vec![mv["config"].clone()];
+        descs.extend(mv["layers"].as_array().unwrap().iter().cloned());
+        for desc in descs {
+            let bd = desc["digest"].as_str().unwrap();
+            let (s, _, d, b) = get(http, mirror, &format!("/v2/{repo}/blobs/{bd}"), &[]).await;
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(d, bd);
+            assert_eq!(sha256_digest(&b), bd);
+            let (_, ub) = up_get(format!("/v2/{up_repo}/blobs/{bd}")).await;
+            assert_eq!(b, ub);
+        }
+    }
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "not the JSON error envelope ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_upstream_pull_through_cache_offline_and_push_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(true, tmp.path());
+    let seeder = Seeder {
+        http: http.clone(),
+        base: up.base_url(),
+        auth: Some(("admin", "admin-pw")),
+    };
+    let (_, blobs) = seeder.image("team/app", "v1", 1).await;
+    seeder.image("public/base", "3.20", 2).await;
+    let extra = seeder.blob("team/app", pseudo_random(1000, 99)).await;
+
+    // `hub/` maps to the upstream with alice's credentials; `library = true` makes `hub/base`
+    // the upstream's `library/base` (not seeded: a clean 404).
+    let config = format!(
+        r#"
+tag_ttl_secs = 1
+[[upstream]]
+url = "{}"
+prefix = "hub/"
+library = true
+username = "alice"
+password = "alice-pw"
+
+[[upstream]]
+url = "{}"
+prefix = "anon/"
+"#,
+        up.base_url(),
+        up.base_url()
+    );
+    let mirror_data = tempfile::tempdir().unwrap();
+    let mirror = start_mirror(&config, tmp.path(), Some(mirror_data.path()));
+    let mb = mirror.base_url();
+
+    // With credentials (the Bearer flow with Basic to the token service), and anonymously.
+    pull_and_compare(
+        &http,
+        &mb,
+        &up.base_url(),
+        "hub/team/app",
+        "team/app",
+        "v1",
+        ("admin", "admin-pw"),
+    )
+    .await;
+    pull_and_compare(
+        &http,
+        &mb,
+        &up.base_url(),
+        "anon/public/base",
+        "public/base",
+        "3.20",
+        ("admin", "admin-pw"),
+    )
+    .await;
+    // Anonymous tokens do not open team/: the upstream's refusal, as an error envelope.
+    let (s, _, _, body) = get(&http, &mb, "/v2/anon/team/app/manifests/v1", &[]).await;
+    assert_eq!(
+        s,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(error_code(&body), "UNKNOWN");
+    let (s, _, _, body) = get(&http, &mb, "/v2/anon/public/nothing/manifests/latest", &[]).await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let code = error_code(&body);
+    assert!(
+        ["NAME_UNKNOWN", "MANIFEST_UNKNOWN"].contains(&code.as_str()),
+        "{code}"
+    );
+
+    // Range from the cache.
+    let b0 = sha256_digest(&blobs[1]);
+    let (s, _, _, part) = get(
+        &http,
+        &mb,
+        &format!("/v2/hub/team/app/blobs/{b0}"),
+        &[("range", "bytes=10-19")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part, blobs[1][10..20]);
+
+    // Pushes to a mirrored name: 405 UNSUPPORTED.
+    let r = http
+        .post(format!("{mb}/v2/hub/team/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_code(&r.bytes().await.unwrap()), "UNSUPPORTED");
+    let r = http
+        .put(format!("{mb}/v2/hub/team/app/manifests/v2"))
+        .header("content-type", OCI_INDEX)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    // Names outside every prefix are an ordinary registry.
+    let local = Seeder {
+        http: http.clone(),
+        base: mb.clone(),
+        auth: None,
+    };
+    local.blob("mine/app", b"local".to_vec()).await;
+
+    // Tokens live in the key-value store, not in memory: a restarted mirror on the same data
+    // asks the token service nothing for a scope it has a token for.
+    let tokens_before = upstream_count(&up, "GET /token");
+    assert!(tokens_before >= 1, "the Bearer flow was used");
+    assert!(
+        std::fs::read_dir(mirror_data.path().join("kv/mirror-tokens"))
+            .unwrap()
+            .count()
+            >= 2,
+        "tokens are stored"
+    );
+    drop(mirror);
+    let mirror = start_mirror(&config, tmp.path(), Some(mirror_data.path()));
+    let mb = mirror.base_url();
+    let (s, _, _, b) = get(&http, &mb, &format!("/v2/hub/team/app/blobs/{extra}"), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(sha256_digest(&b), extra);
+    assert_eq!(
+        upstream_count(&up, "GET /token"),
+        tokens_before,
+        "the stored token was reused"
+    );
+
+    // Upstream gone: cached pulls work (the tag past its TTL: the failed HEAD keeps the cached
+    // manifest), uncached ones fail with 503 and the error envelope.
+    drop(up);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, _, _, _) = get(&http, &mb, "/v2/hub/team/app/manifests/v1", &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _, b) = get(&http, &mb, &format!("/v2/hub/team/app/blobs/{b0}"), &[]).await;
+    assert_eq!((s, b), (StatusCode::OK, blobs[1].clone()));
+    let missing = sha256_digest(b"never fetched");
+    let (s, _, _, body) = get(
+        &http,
+        &mb,
+        &format!("/v2/hub/team/app/blobs/{missing}"),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(error_code(&body), "UNKNOWN");
+    let (s, _, _, _) = get(&http, &mb, "/v2/hub/team/other/manifests/v1", &[]).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_moved_upstream_is_seen_after_the_ttl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(false, tmp.path());
+    let seeder = Seeder {
+        http: http.clone(),
+        base: up.base_url(),
+        auth: None,
+    };
+    let (first, _) = seeder.image("library/alpine", "latest", 1).await;
+    // Every name, and `hub/<name>` with Docker Hub's rule (`hub/alpine` is `library/alpine`).
+    let config = format!(
+        "tag_ttl_secs = 3\n[[upstream]]\nurl = \"{0}\"\n\n\
+         [[upstream]]\nurl = \"{0}\"\nprefix = \"hub/\"\nlibrary = true\n",
+        up.base_url()
+    );
+    let mirror = start_mirror(&config, tmp.path(), None);
+    let mb = mirror.base_url();
+    let (s, _, d1, b) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
+    assert_eq!((s, &b), (StatusCode::OK, &first));
+    let started = std::time::Instant::now();
+    let (second, _) = seeder.image("library/alpine", "latest", 2).await;
+    assert_ne!(first, second);
+    // Within the TTL: the cached one, without asking upstream.
+    let heads = upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest");
+    let (_, _, d, _) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
+    if started.elapsed() < Duration::from_secs(3) {
+        assert_eq!(d, d1);
+        assert_eq!(
+            upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest"),
+            heads
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(3200).saturating_sub(started.elapsed())).await;
+    let (s, _, d2, b) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
+    assert_eq!((s, &b), (StatusCode::OK, &second));
+    assert_eq!(d2, sha256_digest(&second));
+    assert!(upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest") > heads);
+    let (s, _, d4, _) = get(&http, &mb, "/v2/hub/alpine/manifests/latest", &[]).await;
+    assert_eq!((s, d4), (StatusCode::OK, d2.clone()));
+    // containerd's form: the upstream's own name and ?ns=<its host>.
+    let ns = up.addr().to_string();
+    let (s, _, d3, _) = get(
+        &http,
+        &mb,
+        &format!("/v2/library/alpine/manifests/latest?ns={ns}"),
+        &[],
+    )
+    .await;
+    assert_eq!((s, d3), (StatusCode::OK, d2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_upstream_blob_is_refused_and_never_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(false, tmp.path());
+    let seeder = Seeder {
+        http: http.clone(),
+        base: up.base_url(),
+        auth: None,
+    };
+    let data = pseudo_random(2 * 1024 * 1024 + 7, 5);
+    let d = seeder.blob("library/bad", data.clone()).await;
+    let hex = d.trim_start_matches("sha256:");
+    // Same length, one byte changed, in the upstream's own store.
+    let path = up
+        .data_dir()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    let mut bad = std::fs::read(&path).unwrap();
+    bad[1_000_000] ^= 0xff;
+    std::fs::write(&path, &bad).unwrap();
+
+    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.base_url());
+    let mirror = start_mirror(&config, tmp.path(), None);
+    let mb = mirror.base_url();
+    for _ in 0..2 {
+        let (s, _, _, body) = get(&http, &mb, &format!("/v2/library/bad/blobs/{d}"), &[]).await;
+        assert_eq!(
+            s,
+            StatusCode::BAD_GATEWAY,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(error_code(&body), "UNKNOWN");
+    }
+    let stored = mirror
+        .data_dir()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    assert!(
+        !stored.exists(),
+        "a blob failing verification never reaches the store"
+    );
+    // Repaired upstream: fetched, verified, served.
+    std::fs::write(&path, &data).unwrap();
+    let (s, _, _, b) = get(&http, &mb, &format!("/v2/library/bad/blobs/{d}"), &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(b == data);
+    assert!(stored.exists());
+}
+
+/// Ten clients ask for one uncached layer at once; the upstream serves it once. Size:
+/// `DOCKSIDE_MIRROR_TEST_MIB` (default 512, the issue's figure).
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_concurrent_pulls_of_one_large_layer_fetch_it_once() {
+    let mib: usize = std::env::var("DOCKSIDE_MIRROR_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(false, tmp.path());
+    let seeder = Seeder {
+        http: http.clone(),
+        base: up.base_url(),
+        auth: None,
+    };
+    let data = pseudo_random(mib * 1024 * 1024, 7);
+    let d = seeder.blob("library/big", data).await;
+    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.base_url());
+    let mirror = start_mirror(&config, tmp.path(), None);
+    let mb = mirror.base_url();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (http, url, want) = (
+            http.clone(),
+            format!("{mb}/v2/library/big/blobs/{d}"),
+            d.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            use sha2::Digest as _;
+            let mut r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let mut h = sha2::Sha256::new();
+            let mut n = 0usize;
+            while let Some(c) = r.chunk().await.unwrap() {
+                n += c.len();
+                h.update(&c);
+            }
+            assert_eq!(common::sha256_finish(h), want);
+            n
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), mib * 1024 * 1024);
+    }
+    assert_eq!(
+        upstream_count(&up, &format!("GET /v2/library/big/blobs/{d} 200")),
+        1,
+        "one upstream fetch for ten clients"
+    );
+}
