@@ -39,9 +39,26 @@ struct Opts {
     seconds: u64,
     connections: usize,
     urls: Vec<(String, String, Option<u32>)>,
-    s3: bool,
-    local: bool,
+    /// Which sections run: `push` (pushes, pulls, ranges), `small`, `s3`, `machine`, `scale`.
+    sections: Vec<String>,
+    /// Which of the registries the bench starts are measured (`dockside`, `dockside-nofs`,
+    /// `distribution`); empty: all.
+    targets: Vec<String>,
+    /// Other dockside binaries to start and measure beside (name, path): A/B in one run.
+    builds: Vec<(String, String)>,
 }
+
+impl Opts {
+    fn section(&self, name: &str) -> bool {
+        self.sections.iter().any(|s| s == name)
+    }
+    fn target(&self, name: &str) -> bool {
+        self.targets.is_empty() || self.targets.iter().any(|t| t == name)
+    }
+}
+
+/// The sections run when `--sections` is not given (`scale` takes long: only on request).
+const DEFAULT_SECTIONS: &[&str] = &["machine", "push", "small", "s3"];
 
 fn parse_opts() -> Opts {
     let mut o = Opts {
@@ -51,9 +68,11 @@ fn parse_opts() -> Opts {
         seconds: 10,
         connections: 16,
         urls: Vec::new(),
-        s3: true,
-        local: true,
+        sections: DEFAULT_SECTIONS.iter().map(|s| s.to_string()).collect(),
+        targets: Vec::new(),
+        builds: Vec::new(),
     };
+    let list = |v: String| v.split(',').map(str::to_owned).collect::<Vec<_>>();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -79,8 +98,18 @@ fn parse_opts() -> Opts {
                 o.urls
                     .push((name.to_owned(), url.trim_end_matches('/').to_owned(), pid));
             }
-            "--no-s3" => o.s3 = false,
-            "--s3-only" => o.local = false,
+            "--no-s3" => o.sections.retain(|s| s != "s3"),
+            "--s3-only" => o.sections = vec!["s3".into()],
+            "--sections" => o.sections = list(val()),
+            "--targets" => o.targets = list(val()),
+            "--build" => {
+                // name=PATH: another dockside binary (an older commit's), measured beside.
+                let v = val();
+                let (name, path) = v
+                    .split_once('=')
+                    .unwrap_or_else(|| usage("--build name=PATH"));
+                o.builds.push((name.to_owned(), path.to_owned()));
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other}")),
         }
@@ -95,7 +124,11 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "usage: cargo run --release --example bench -- [--rounds N] [--size-mib N] [--chunk-mib N] \
          [--seconds N] [--connections N] [--url name=http://host:port[,pid=N]]... \
-         [--no-s3 | --s3-only]"
+         [--no-s3 | --s3-only] [--sections machine,push,small,s3,scale] \
+         [--targets dockside,dockside-nofs,distribution] [--build name=PATH]...\n\
+         Sections: machine (SHA-256, loopback, dd conv=fsync rates), push (1 GiB pushes, \
+         pulls, ranges), small (small requests under load), s3 (on Garage), scale (many tags \
+         and repositories; sizes from DOCKSIDE_BENCH_TAGS, DOCKSIDE_BENCH_REPOS)."
     );
     std::process::exit(2)
 }
@@ -146,13 +179,23 @@ fn start_dockside_env(
     let exe = std::env::current_exe().unwrap();
     // target/release/examples/bench -> target/release/dockside
     let bin = exe.parent().unwrap().parent().unwrap().join("dockside");
+    start_dockside_bin(dir, name, &bin, extra, env)
+}
+
+fn start_dockside_bin(
+    dir: &std::path::Path,
+    name: &str,
+    bin: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Target {
     assert!(
         bin.exists(),
         "build the server first: cargo build --release ({bin:?})"
     );
     let port = free_port();
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(&bin)
+    let child = Command::new(bin)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(dir.join(format!("{name}-data")))
         .args(extra)
@@ -170,19 +213,19 @@ fn start_dockside_env(
     }
 }
 
-fn start_distribution(dir: &std::path::Path) -> Target {
+fn start_distribution(dir: &std::path::Path, name: &str) -> Target {
     let port = free_port();
-    let config = dir.join("distribution.yml");
+    let config = dir.join(format!("{name}.yml"));
     std::fs::write(
         &config,
         format!(
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
              http:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("distribution-data").display()
+            dir.join(format!("{name}-data")).display()
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("distribution.log")).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
@@ -192,7 +235,7 @@ fn start_distribution(dir: &std::path::Path) -> Target {
         .expect("start docker-registry (apt-get install docker-registry)");
     wait_listening(port);
     Target {
-        name: "distribution".into(),
+        name: name.into(),
         base: format!("http://127.0.0.1:{port}"),
         pid: Some(child.id()),
         _child: Some(ChildGuard(child)),
@@ -445,6 +488,8 @@ impl Gen {
 
 use futures_util::StreamExt;
 
+mod scale;
+
 fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).unwrap();
@@ -686,91 +731,104 @@ fn hey(method: &str, url: &str, seconds: u64, conns: usize) -> (f64, f64, f64, f
     (rps, p50, p99, ok)
 }
 
-async fn measure(t: &Target, o: &Opts) -> Results {
-    let c = reqwest::Client::builder()
+impl Results {
+    fn new(name: &str) -> Self {
+        Results {
+            name: name.into(),
+            push_mono: Figure::new(),
+            push_mono_cpu: Figure::new(),
+            push_mono_rss: Figure::new(),
+            push_chunked: Figure::new(),
+            push_chunked_cpu: Figure::new(),
+            pull: Figure::new(),
+            pull_cpu: Figure::new(),
+            range_ms: Figure::new(),
+            small: Vec::new(),
+        }
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(4)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// One round of the push section on `t`: a monolithic push, its pull and range GETs, a chunked
+/// push. Rounds of the registries alternate, so load from elsewhere spreads over all of them.
+async fn measure_round(t: &Target, o: &Opts, round: usize, r: &mut Results) {
+    let c = client();
     let size = o.size_mib * MIB;
-    let mut r = Results {
-        name: t.name.clone(),
-        push_mono: Figure::new(),
-        push_mono_cpu: Figure::new(),
-        push_mono_rss: Figure::new(),
-        push_chunked: Figure::new(),
-        push_chunked_cpu: Figure::new(),
-        pull: Figure::new(),
-        pull_cpu: Figure::new(),
-        range_ms: Figure::new(),
-        small: Vec::new(),
-    };
     let gib = size as f64 / (1024.0 * MIB as f64);
     let mb = size as f64 / 1e6;
-    for round in 0..o.rounds {
-        let repo = format!("bench/r{round}");
-        // Monolithic.
-        let g = Gen {
-            seed: random_seed(),
-            size,
-        };
-        let d = g.digest();
-        let idle = t.pid.map_or(0, rss_kib);
-        let sampler = RssSampler::start(t.pid);
-        let cpu0 = cpu_secs(t.pid);
+    let repo = format!("bench/r{round}");
+    // Monolithic.
+    let g = Gen {
+        seed: random_seed(),
+        size,
+    };
+    let d = g.digest();
+    let idle = t.pid.map_or(0, rss_kib);
+    let sampler = RssSampler::start(t.pid);
+    let cpu0 = cpu_secs(t.pid);
+    let t0 = Instant::now();
+    push_monolithic(&c, t, &repo, g, &d).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs(t.pid) - cpu0;
+    let peak = sampler.finish();
+    r.push_mono.values.push(mb / secs);
+    r.push_mono_cpu.values.push(cpu / gib);
+    r.push_mono_rss.values.push(if t.pid.is_some() {
+        peak.saturating_sub(idle) as f64 / 1024.0
+    } else {
+        f64::NAN
+    });
+    // Pull it.
+    let cpu0 = cpu_secs(t.pid);
+    let t0 = Instant::now();
+    pull(&c, t, &repo, &d, size).await;
+    let secs = t0.elapsed().as_secs_f64();
+    r.pull.values.push(mb / secs);
+    r.pull_cpu.values.push((cpu_secs(t.pid) - cpu0) / gib);
+    // A 1 MiB range from the middle.
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let from = size / 2;
         let t0 = Instant::now();
-        push_monolithic(&c, t, &repo, g, &d).await;
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu = cpu_secs(t.pid) - cpu0;
-        let peak = sampler.finish();
-        r.push_mono.values.push(mb / secs);
-        r.push_mono_cpu.values.push(cpu / gib);
-        r.push_mono_rss.values.push(if t.pid.is_some() {
-            peak.saturating_sub(idle) as f64 / 1024.0
-        } else {
-            f64::NAN
-        });
-        // Pull it.
-        let cpu0 = cpu_secs(t.pid);
-        let t0 = Instant::now();
-        pull(&c, t, &repo, &d, size).await;
-        let secs = t0.elapsed().as_secs_f64();
-        r.pull.values.push(mb / secs);
-        r.pull_cpu.values.push((cpu_secs(t.pid) - cpu0) / gib);
-        // A 1 MiB range from the middle.
-        let mut lat = Vec::new();
-        for _ in 0..20 {
-            let from = size / 2;
-            let t0 = Instant::now();
-            let resp = c
-                .get(format!("{}/v2/{repo}/blobs/{d}", t.base))
-                .header("range", format!("bytes={from}-{}", from + MIB - 1))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 206, "{}: range GET", t.name);
-            assert_eq!(resp.bytes().await.unwrap().len() as u64, MIB);
-            lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-        }
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        r.range_ms.values.push(lat[lat.len() / 2]);
-        // Chunked.
-        let g = Gen {
-            seed: random_seed(),
-            size,
-        };
-        let d = g.digest();
-        let cpu0 = cpu_secs(t.pid);
-        let t0 = Instant::now();
-        push_chunked(&c, t, &repo, g, &d, o.chunk_mib * MIB).await;
-        let secs = t0.elapsed().as_secs_f64();
-        r.push_chunked.values.push(mb / secs);
-        r.push_chunked_cpu
-            .values
-            .push((cpu_secs(t.pid) - cpu0) / gib);
-        eprintln!("  {} round {} done", t.name, round + 1);
+        let resp = c
+            .get(format!("{}/v2/{repo}/blobs/{d}", t.base))
+            .header("range", format!("bytes={from}-{}", from + MIB - 1))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 206, "{}: range GET", t.name);
+        assert_eq!(resp.bytes().await.unwrap().len() as u64, MIB);
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
-    // Small requests.
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    r.range_ms.values.push(lat[lat.len() / 2]);
+    // Chunked.
+    let g = Gen {
+        seed: random_seed(),
+        size,
+    };
+    let d = g.digest();
+    let cpu0 = cpu_secs(t.pid);
+    let t0 = Instant::now();
+    push_chunked(&c, t, &repo, g, &d, o.chunk_mib * MIB).await;
+    let secs = t0.elapsed().as_secs_f64();
+    r.push_chunked.values.push(mb / secs);
+    r.push_chunked_cpu
+        .values
+        .push((cpu_secs(t.pid) - cpu0) / gib);
+    eprintln!("  {} round {} done", t.name, round + 1);
+}
+
+/// The small-request section on `t`.
+async fn measure_small(t: &Target, o: &Opts, r: &mut Results) {
+    let c = client();
     let urls = small_setup(&c, t, "bench/small").await;
     for (what, method, url) in urls {
         let (mut rps, mut p50, mut p99, mut cpu_us) =
@@ -786,7 +844,6 @@ async fn measure(t: &Target, o: &Opts) -> Results {
         }
         r.small.push((what, rps, p50, p99, cpu_us));
     }
-    r
 }
 
 /// The S3 section's figures for one registry (or Garage alone).
@@ -1005,8 +1062,51 @@ async fn s3_section(dir: &std::path::Path, o: &Opts) {
     );
 }
 
-fn machine_limits(dir: &std::path::Path) {
-    println!("\n# the machine (same run)");
+/// The machine's own rates, measured in the same run as the registries (a round of them
+/// before each round of the registries): what a push or a pull could reach at best.
+struct Machine {
+    sha_openssl: Figure,
+    sha_inproc: Figure,
+    loopback: Figure,
+    dd_fsync: Figure,
+}
+
+impl Machine {
+    fn new() -> Self {
+        Machine {
+            sha_openssl: Figure::new(),
+            sha_inproc: Figure::new(),
+            loopback: Figure::new(),
+            dd_fsync: Figure::new(),
+        }
+    }
+
+    fn print(&self, o: &Opts) {
+        let m = "machine";
+        line(
+            m,
+            "openssl speed sha256 (16 KiB blocks)",
+            &self.sha_openssl,
+            "MB/s",
+        );
+        line(
+            m,
+            "SHA-256 in process (sha2, 1 MiB)",
+            &self.sha_inproc,
+            "MB/s",
+        );
+        line(m, "loopback TCP (iperf3, 1 stream)", &self.loopback, "MB/s");
+        line(
+            m,
+            &format!("dd {} MiB conv=fsync (same disk)", o.size_mib),
+            &self.dd_fsync,
+            "MB/s",
+        );
+    }
+}
+
+/// One round of the machine's rates.
+fn machine_round(dir: &std::path::Path, o: &Opts, m: &mut Machine) {
     // SHA-256 throughput, 16 KiB blocks.
     if let Ok(out) = Command::new("openssl")
         .args(["speed", "-evp", "sha256", "-seconds", "2"])
@@ -1019,12 +1119,24 @@ fn machine_limits(dir: &std::path::Path) {
                 .last()
                 .and_then(|v| v.trim_end_matches('k').parse().ok())
                 .unwrap_or(f64::NAN);
-            println!(
-                "machine       openssl sha256 (16 KiB blocks)         {:>10.1} MB/s",
-                v * 1000.0 / 1e6
-            );
+            m.sha_openssl.values.push(v * 1000.0 / 1e6);
         }
     }
+    // The same hash the server runs (sha2), over 1 MiB buffers: 512 MiB.
+    let buf = Gen {
+        seed: random_seed(),
+        size: MIB,
+    }
+    .piece(0);
+    let t0 = Instant::now();
+    let mut h = Sha256::new();
+    for _ in 0..512 {
+        h.update(&buf);
+    }
+    std::hint::black_box(h.finalize());
+    m.sha_inproc
+        .values
+        .push(512.0 * MIB as f64 / 1e6 / t0.elapsed().as_secs_f64());
     // Loopback TCP.
     let port = free_port();
     if let Ok(server) = Command::new("iperf3")
@@ -1044,35 +1156,26 @@ fn machine_limits(dir: &std::path::Path) {
             let bps = v["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .unwrap_or(f64::NAN);
-            println!(
-                "machine       loopback TCP (iperf3, 1 stream)        {:>10.1} MB/s",
-                bps / 8e6
-            );
+            m.loopback.values.push(bps / 8e6);
         }
     }
-    // Buffered disk write.
+    // The push's size written and fsynced, as a push with fsync must (timed here, not by dd,
+    // so that the figure includes the fsync whatever dd prints).
     let file = dir.join("dd.bin");
-    if let Ok(out) = Command::new("dd")
+    let t0 = Instant::now();
+    let ok = Command::new("dd")
         .arg("if=/dev/zero")
         .arg(format!("of={}", file.display()))
-        .args(["bs=1M", "count=1024"])
-        .output()
-    {
-        let text = String::from_utf8_lossy(&out.stderr);
-        if let Some(l) = text.lines().find(|l| l.contains("copied")) {
-            let secs: f64 = l
-                .split(", ")
-                .nth(2)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(f64::NAN);
-            println!(
-                "machine       buffered disk write (dd 1 GiB)         {:>10.1} MB/s",
-                1073.741824 / secs
-            );
-        }
-        let _ = std::fs::remove_file(&file);
+        .args(["bs=1M", &format!("count={}", o.size_mib), "conv=fsync"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        m.dd_fsync
+            .values
+            .push((o.size_mib * MIB) as f64 / 1e6 / t0.elapsed().as_secs_f64());
     }
+    let _ = std::fs::remove_file(&file);
 }
 
 fn ratio(what: &str, a: &Figure, b: &Figure, higher_is_better: bool, names: (&str, &str)) {
@@ -1089,14 +1192,30 @@ fn ratio(what: &str, a: &Figure, b: &Figure, higher_is_better: bool, names: (&st
 async fn main() {
     let o = parse_opts();
     let dir = tempfile::tempdir_in(std::env::current_dir().unwrap().join("target")).unwrap();
-    let targets: Vec<Target> = if !o.local {
+    let local = o.section("push") || o.section("small");
+    let targets: Vec<Target> = if !local {
         Vec::new()
     } else if o.urls.is_empty() {
-        vec![
-            start_dockside(dir.path(), "dockside", &[]),
-            start_dockside(dir.path(), "dockside-nofs", &["--no-fsync"]),
-            start_distribution(dir.path()),
-        ]
+        let mut t = Vec::new();
+        if o.target("dockside") {
+            t.push(start_dockside(dir.path(), "dockside", &[]));
+        }
+        for (name, bin) in &o.builds {
+            t.push(start_dockside_bin(
+                dir.path(),
+                name,
+                std::path::Path::new(bin),
+                &[],
+                &[],
+            ));
+        }
+        if o.target("dockside-nofs") {
+            t.push(start_dockside(dir.path(), "dockside-nofs", &["--no-fsync"]));
+        }
+        if o.target("distribution") {
+            t.push(start_distribution(dir.path(), "distribution"));
+        }
+        t
     } else {
         o.urls
             .iter()
@@ -1116,49 +1235,71 @@ async fn main() {
         "{:<13} {:<38} {:>10} {:>10} {:>10}  unit",
         "registry", "figure", "min", "median", "max"
     );
-    let mut all = Vec::new();
-    for t in &targets {
-        let r = measure(t, &o).await;
-        line(&r.name, "push monolithic (POST+PUT)", &r.push_mono, "MB/s");
-        line(
-            &r.name,
-            "push monolithic server CPU",
-            &r.push_mono_cpu,
-            "CPU-s/GiB",
-        );
-        line(
-            &r.name,
-            "push monolithic peak RSS over idle",
-            &r.push_mono_rss,
-            "MiB",
-        );
-        line(
-            &r.name,
-            &format!("push chunked ({} MiB PATCHes)", o.chunk_mib),
-            &r.push_chunked,
-            "MB/s",
-        );
-        line(
-            &r.name,
-            "push chunked server CPU",
-            &r.push_chunked_cpu,
-            "CPU-s/GiB",
-        );
-        line(&r.name, "pull", &r.pull, "MB/s");
-        line(&r.name, "pull server CPU", &r.pull_cpu, "CPU-s/GiB");
-        line(
-            &r.name,
-            "1 MiB range GET from the middle",
-            &r.range_ms,
-            "ms (median of 20)",
-        );
+    let mut machine = Machine::new();
+    let mut all: Vec<Results> = targets.iter().map(|t| Results::new(&t.name)).collect();
+    // Rounds alternate: the machine's rates, then each registry, then again.
+    for round in 0..o.rounds {
+        if o.section("machine") {
+            machine_round(dir.path(), &o, &mut machine);
+        }
+        if o.section("push") {
+            for (t, r) in targets.iter().zip(&mut all) {
+                measure_round(t, &o, round, r).await;
+            }
+        }
+    }
+    if o.section("small") {
+        for (t, r) in targets.iter().zip(&mut all) {
+            measure_small(t, &o, r).await;
+        }
+    }
+    if o.section("machine") {
+        println!("\n# the machine (same run, a round before each round of the registries)");
+        machine.print(&o);
+    }
+    for r in &all {
+        if o.section("push") {
+            println!();
+            line(&r.name, "push monolithic (POST+PUT)", &r.push_mono, "MB/s");
+            line(
+                &r.name,
+                "push monolithic server CPU",
+                &r.push_mono_cpu,
+                "CPU-s/GiB",
+            );
+            line(
+                &r.name,
+                "push monolithic peak RSS over idle",
+                &r.push_mono_rss,
+                "MiB",
+            );
+            line(
+                &r.name,
+                &format!("push chunked ({} MiB PATCHes)", o.chunk_mib),
+                &r.push_chunked,
+                "MB/s",
+            );
+            line(
+                &r.name,
+                "push chunked server CPU",
+                &r.push_chunked_cpu,
+                "CPU-s/GiB",
+            );
+            line(&r.name, "pull", &r.pull, "MB/s");
+            line(&r.name, "pull server CPU", &r.pull_cpu, "CPU-s/GiB");
+            line(
+                &r.name,
+                "1 MiB range GET from the middle",
+                &r.range_ms,
+                "ms (median of 20)",
+            );
+        }
         for (what, rps, p50, p99, cpu) in &r.small {
             line(&r.name, &format!("{what}: throughput"), rps, "req/s");
             line(&r.name, &format!("{what}: p50"), p50, "ms");
             line(&r.name, &format!("{what}: p99"), p99, "ms");
             line(&r.name, &format!("{what}: server CPU"), cpu, "us/req");
         }
-        all.push(r);
     }
     // Every registry against the last one (distribution, when the bench starts them).
     let others: &[Results] = all.split_last().map_or(&[], |(_, o)| o);
@@ -1166,43 +1307,69 @@ async fn main() {
         let b = all.last().expect("a last registry");
         let names = (a.name.as_str(), b.name.as_str());
         println!();
-        ratio(
-            "push monolithic MB/s",
-            &a.push_mono,
-            &b.push_mono,
-            true,
-            names,
-        );
-        ratio(
-            "push monolithic CPU/GiB",
-            &a.push_mono_cpu,
-            &b.push_mono_cpu,
-            false,
-            names,
-        );
-        ratio(
-            "push chunked MB/s",
-            &a.push_chunked,
-            &b.push_chunked,
-            true,
-            names,
-        );
-        ratio("pull MB/s", &a.pull, &b.pull, true, names);
-        ratio("pull CPU/GiB", &a.pull_cpu, &b.pull_cpu, false, names);
-        ratio(
-            "1 MiB range GET latency",
-            &a.range_ms,
-            &b.range_ms,
-            false,
-            names,
-        );
+        if o.section("push") {
+            ratio(
+                "push monolithic MB/s",
+                &a.push_mono,
+                &b.push_mono,
+                true,
+                names,
+            );
+            ratio(
+                "push monolithic CPU/GiB",
+                &a.push_mono_cpu,
+                &b.push_mono_cpu,
+                false,
+                names,
+            );
+            ratio(
+                "push chunked MB/s",
+                &a.push_chunked,
+                &b.push_chunked,
+                true,
+                names,
+            );
+            ratio("pull MB/s", &a.pull, &b.pull, true, names);
+            ratio("pull CPU/GiB", &a.pull_cpu, &b.pull_cpu, false, names);
+            ratio(
+                "1 MiB range GET latency",
+                &a.range_ms,
+                &b.range_ms,
+                false,
+                names,
+            );
+        }
         for ((what, ra, _, _, ca), (_, rb, _, _, cb)) in a.small.iter().zip(&b.small) {
             ratio(&format!("{what} req/s"), ra, rb, true, names);
             ratio(&format!("{what} CPU/req"), ca, cb, false, names);
         }
     }
-    if o.s3 && o.urls.is_empty() {
+    // Each registry's pushes against the machine's bounds of the same run.
+    if o.section("machine") && o.section("push") {
+        println!();
+        let (_, dd, _) = machine.dd_fsync.stats();
+        let (_, sha, _) = machine.sha_inproc.stats();
+        for r in &all {
+            let (_, mono, _) = r.push_mono.stats();
+            let (_, chunked, _) = r.push_chunked.stats();
+            println!(
+                "bound         {:<38} {:>10.2}x {:>10.2}x  of dd conv=fsync, of SHA-256 (medians)",
+                format!("{} push monolithic", r.name),
+                mono / dd,
+                mono / sha
+            );
+            println!(
+                "bound         {:<38} {:>10.2}x {:>10.2}x  of dd conv=fsync, of SHA-256 (medians)",
+                format!("{} push chunked", r.name),
+                chunked / dd,
+                chunked / sha
+            );
+        }
+    }
+    if o.section("s3") && o.urls.is_empty() {
         s3_section(dir.path(), &o).await;
     }
-    machine_limits(dir.path());
+    if o.section("scale") {
+        scale::section(dir.path(), &o).await;
+    }
 }
