@@ -82,7 +82,15 @@ async fn watch(env: &[(&str, String)]) -> Watch {
     );
     let mut cmd = Command::new(cargo_lambda());
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["lambda", "watch", "--ignore-changes", "--quiet"])
+        // An invocation the emulator loses fails after 120 s instead of hanging the test.
+        .args([
+            "lambda",
+            "watch",
+            "--ignore-changes",
+            "--quiet",
+            "--timeout",
+            "120",
+        ])
         .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
         .arg(port.to_string())
         .args(["--features", "lambda", "--bin", "dockside-lambda"]);

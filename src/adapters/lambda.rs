@@ -19,6 +19,7 @@
 //!   least [`BUFFERED_REDIRECT_MIN_BYTES`] (4 MiB) are redirected.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +44,10 @@ pub const STREAM_REDIRECT_MIN_BYTES: u64 = 16 * 1024 * 1024;
 pub const BUFFERED_REDIRECT_MIN_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a presigned redirect stays valid unless `DOCKSIDE_BLOB_REDIRECT` says otherwise.
 pub const DEFAULT_REDIRECT_SECS: u64 = 300;
+
+/// Runtime loops in a row that may fail without serving an invocation before the function
+/// gives up (each after a 50 ms pause).
+pub const MAX_IDLE_RESTARTS: u32 = 5;
 
 /// How the function's answers leave it (`DOCKSIDE_LAMBDA_RESPONSE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,15 +148,22 @@ impl Settings {
 /// Serves invocations, streamed or buffered as `mode` says. The runtime's loop ends at its
 /// first failure to talk to the Runtime API (a pooled connection the API closed, seen under
 /// `cargo lambda watch` after streamed answers): it is started again on the same stores rather
-/// than ending the instance, which would cost a cold start.
+/// than ending the instance, which would cost a cold start; after [`MAX_IDLE_RESTARTS`] loops in
+/// a row that failed before serving anything (no Runtime API at all), the function ends with
+/// the error.
 pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lambda_http::Error> {
     let registry = Arc::new(registry);
+    let served = Arc::new(AtomicU64::new(0));
+    let mut idle_failures = 0;
     loop {
+        let before = served.load(Ordering::Relaxed);
         let registry = registry.clone();
+        let count = served.clone();
         let ended = match mode {
             ResponseMode::Stream => {
                 lambda_http::run_with_streaming_response(service_fn(move |req| {
                     let registry = registry.clone();
+                    count.fetch_add(1, Ordering::Relaxed);
                     async move { Ok::<_, lambda_http::Error>(registry.handle(to_core(req)).await) }
                 }))
                 .await
@@ -159,6 +171,7 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
             ResponseMode::Buffered => {
                 lambda_http::run(service_fn(move |req| {
                     let registry = registry.clone();
+                    count.fetch_add(1, Ordering::Relaxed);
                     async move {
                         let resp = registry.handle(to_core(req)).await;
                         Ok::<_, lambda_http::Error>(buffered(resp).await)
@@ -169,7 +182,17 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
         };
         match ended {
             Ok(()) => return Ok(()),
-            Err(e) => tracing::warn!("the Runtime API loop failed ({e}); starting it again"),
+            Err(e) => {
+                idle_failures = match served.load(Ordering::Relaxed) == before {
+                    true => idle_failures + 1,
+                    false => 1,
+                };
+                if idle_failures > MAX_IDLE_RESTARTS {
+                    return Err(e);
+                }
+                tracing::warn!("the Runtime API loop failed ({e}); starting it again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }
