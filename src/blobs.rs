@@ -77,9 +77,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         };
         let digest_s = digest.to_string();
-        // Off to the store: the client fetches the bytes (and its Range) from a presigned URL.
+        // Off to the store: the client fetches the bytes (and its Range) from a presigned URL
+        // (answers shorter than `blob_redirect_min_bytes` are served: they fit the platform).
+        let answer_len = range.as_ref().map_or(size, |r| r.end - r.start);
         if !head
             && let Some(ttl) = self.config.blob_redirect
+            && answer_len >= self.config.blob_redirect_min_bytes
             && let Some(url) = self.blobs.redirect_url(&layout::blob_data(&digest), ttl)
         {
             return Ok(empty_response(

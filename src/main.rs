@@ -8,8 +8,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use dockside::adapters::hyper_client::HyperClient;
 use dockside::adapters::metrics::Metrics;
+use dockside::adapters::remote;
 use dockside::adapters::server::{self, Limits, Ops, ServedRegistry, ServerBlobs, ServerKv, Tls};
-use dockside::{AuthConfig, Config, FsBlobs, FsKv, RedisKv, S3Blobs, S3Config};
+use dockside::{AuthConfig, Config, FsBlobs, FsKv};
 
 /// dockside: an OCI Distribution registry (docker, podman, skopeo, crane, oras, containerd push
 /// to it and pull from it).
@@ -599,13 +600,7 @@ impl StoreSpec {
     fn kv(arg: Option<&str>, data: &std::path::Path) -> Result<StoreSpec, String> {
         match arg {
             None => Ok(StoreSpec::Dir(data.join("kv"))),
-            Some(a)
-                if ["redis://", "rediss://", "unix://", "redis+unix://"]
-                    .iter()
-                    .any(|s| a.starts_with(s)) =>
-            {
-                Ok(StoreSpec::Redis(a.to_owned()))
-            }
+            Some(a) if remote::is_redis_url(a) => Ok(StoreSpec::Redis(a.to_owned())),
             Some(a) if a.contains("://") => Err(format!(
                 "--kv {a:?}: the key-value store is a directory or a redis:// URL"
             )),
@@ -661,16 +656,10 @@ async fn open_kv(spec: &StoreSpec, prefix: &str, fsync: bool) -> Result<ServerKv
                 .map(ServerKv::from)
                 .map_err(|e| format!("cannot use key-value directory {}: {e}", dir.display()))
         }
-        StoreSpec::Redis(url) => RedisKv::connect(url, prefix)
-            .await
-            .map(ServerKv::from)
-            .map_err(|e| format!("cannot use the key-value store: {e}")),
+        StoreSpec::Redis(url) => remote::open_redis(url, prefix).await.map(ServerKv::from),
         StoreSpec::S3(_) => unreachable!("--kv never names an S3 store"),
     }
 }
-
-/// How long the start may wait for the S3 store to answer (its requests retry with backoff).
-const S3_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Opens the blob store; a store that cannot be used (unreachable, wrong credentials, no such
 /// bucket) is an error, before listening.
@@ -688,32 +677,9 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
             }
             Ok(ServerBlobs::from(blobs))
         }
-        StoreSpec::S3(url) => {
-            let config = S3Config::from_url(url, |k| std::env::var(k).ok())
-                .map_err(|e| format!("cannot use the blob store: {e}"))?;
-            let blobs = S3Blobs::new(&config, HyperClient::new()?)?;
-            let checked = tokio::time::timeout(S3_CHECK_TIMEOUT, blobs.check())
-                .await
-                .unwrap_or_else(|_| {
-                    Err(dockside::StoreError::unavailable(format!(
-                        "no answer within {} s",
-                        S3_CHECK_TIMEOUT.as_secs()
-                    )))
-                });
-            checked.map_err(|e| {
-                // An answer names its status; no answer is a transport failure.
-                let unreachable = e.kind == dockside::StoreErrorKind::Unavailable
-                    && !e.message.starts_with("S3 ");
-                format!(
-                    "cannot use S3 bucket {:?} at {}: {}{}",
-                    config.bucket,
-                    config.endpoint,
-                    if unreachable { "cannot reach it: " } else { "" },
-                    e.message
-                )
-            })?;
-            Ok(ServerBlobs::from(blobs))
-        }
+        StoreSpec::S3(url) => remote::open_s3(url, |k| std::env::var(k).ok())
+            .await
+            .map(ServerBlobs::from),
         StoreSpec::Redis(_) => unreachable!("--blobs never names a Redis store"),
     }
 }

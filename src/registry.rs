@@ -54,6 +54,10 @@ pub struct Config {
     /// store can make one (S3): the bytes of a pull then never pass through dockside. `None`
     /// (the default) serves them.
     pub blob_redirect: Option<std::time::Duration>,
+    /// With `blob_redirect`, only answers of at least this many bytes (the blob, or the range
+    /// asked for) are redirected; shorter ones are served. For platforms that cap response
+    /// sizes (AWS Lambda): what fits is served, the rest redirected. 0, the default: all.
+    pub blob_redirect_min_bytes: u64,
     /// Where password checks (Basic credentials, `/token` logins) run; `None`, the default,
     /// runs them inline.
     pub password_checks: Option<Arc<dyn PasswordChecks>>,
@@ -91,6 +95,7 @@ impl Default for Config {
             auth: None,
             blob_redirect: None,
             mirror: None,
+            blob_redirect_min_bytes: 0,
             password_checks: None,
             login_limits: LoginLimits::default(),
             trust_forwarded_for: false,
@@ -106,7 +111,7 @@ impl Config {
     /// variables, Spin variables...): `DOCKSIDE_MAX_MANIFEST_BYTES`, `DOCKSIDE_MAX_BLOB_BYTES`,
     /// `DOCKSIDE_MAX_CHUNK_BYTES`, `DOCKSIDE_CHUNK_MIN_LENGTH`, `DOCKSIDE_NO_DELETE`,
     /// `DOCKSIDE_NO_TAG_DELETE`, `DOCKSIDE_BLOB_REDIRECT` (seconds a redirect stays valid; 0
-    /// or unset: off), the failed-login limits `DOCKSIDE_LOGIN_WINDOW_SECS`,
+    /// or unset: off), `DOCKSIDE_BLOB_REDIRECT_MIN_BYTES` (shorter answers are served), the failed-login limits `DOCKSIDE_LOGIN_WINDOW_SECS`,
     /// `DOCKSIDE_LOGIN_FAILURES_PER_USER_ADDRESS`, `DOCKSIDE_LOGIN_FAILURES_PER_USER`,
     /// `DOCKSIDE_LOGIN_FAILURES_PER_ADDRESS` and `DOCKSIDE_TRUST_FORWARDED_FOR`, the upload
     /// limits `DOCKSIDE_MAX_UPLOADS`, `DOCKSIDE_MAX_UPLOADS_PER_REPOSITORY` and
@@ -169,6 +174,8 @@ impl Config {
             blob_redirect: num("DOCKSIDE_BLOB_REDIRECT")?
                 .filter(|&s| s > 0)
                 .map(std::time::Duration::from_secs),
+            blob_redirect_min_bytes: num("DOCKSIDE_BLOB_REDIRECT_MIN_BYTES")?
+                .unwrap_or(d.blob_redirect_min_bytes),
             ..d
         })
     }

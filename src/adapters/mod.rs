@@ -4,6 +4,8 @@
 //! - `server`: the native tokio/hyper server (feature `server`), with `pooled`, the directory
 //!   host with its blocking calls on tokio's blocking pool, and `hyper_client`, its outbound
 //!   HTTP client (for S3), `tls` (certificates, reloaded) and `metrics` (Prometheus).
+//! - `remote`: opening Valkey/Redis and S3 from their URLs, for the server and `lambda`.
+//! - `lambda`: the AWS Lambda function (feature `lambda`, `lambda_http`), on S3 and Redis.
 //! - `spin`: the Spin component (feature `spin`, `wasm32-wasip2`), with `spin_http_client`, its
 //!   outbound HTTP client on spin-sdk's `http::send` (for S3).
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
@@ -12,10 +14,14 @@
 
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
+#[cfg(all(feature = "lambda", not(target_arch = "wasm32")))]
+pub mod lambda;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod metrics;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod pooled;
+#[cfg(all(feature = "server", not(target_arch = "wasm32")))]
+pub mod remote;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod server;
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]

@@ -1,0 +1,404 @@
+//! The Lambda function (`dockside-lambda`) under `cargo lambda watch`, Cargo Lambda's emulator
+//! of the Lambda runtime API and of function URLs, with blobs in a real S3 (Garage) and keys in
+//! a real Redis/Valkey: the shared protocol scenarios, access control, a layer above the
+//! request cap pushed in chunks, blob GETs above the response caps (streamed, or redirected to
+//! presigned S3 URLs), in both response modes.
+//!
+//! Needs `cargo lambda` (PyPI `cargo-lambda`, installed by `.ci/lambda`, found through
+//! `DOCKSIDE_CARGO_LAMBDA` or on `PATH`), Garage (`DOCKSIDE_GARAGE`) and a Redis server. Without
+//! them the tests fail and say so; they never skip.
+#![cfg(feature = "lambda-e2e")]
+
+mod common;
+#[path = "backends/garage.rs"]
+mod garage;
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::scenarios::{self, AUTH_SECRET, auth_toml};
+use common::{pseudo_random, sha256_digest as sha256};
+use redis_server::RedisServer;
+
+/// A `cargo lambda watch` serving `dockside-lambda` on a free loopback port; stopped (its
+/// whole process group: the emulator and the function) when dropped.
+struct Watch {
+    child: Child,
+    addr: String,
+    log: std::path::PathBuf,
+    _redis: RedisServer,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let pid = self.child.id() as i32;
+        // The emulator runs the function as its own child: the group takes both.
+        let _ = rustix::process::kill_process_group(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Watch {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cargo_lambda() -> String {
+    std::env::var("DOCKSIDE_CARGO_LAMBDA").unwrap_or_else(|_| "cargo-lambda".to_owned())
+}
+
+/// Starts the function under `cargo lambda watch` with a fresh Redis, a fresh prefix of the
+/// shared Garage bucket and `env` on top, and waits until `/v2/` answers through it.
+async fn watch(env: &[(&str, String)]) -> Watch {
+    let g = garage::garage();
+    let redis = RedisServer::start();
+    let port = free_port();
+    let log = std::env::temp_dir().join(format!("dockside-lambda-watch-{port}.log"));
+    let mut vars = vec![
+        ("DOCKSIDE_KV".to_owned(), redis.url.clone()),
+        ("DOCKSIDE_BLOBS".to_owned(), g.url(&garage::unique_prefix())),
+        ("DOCKSIDE_S3_ACCESS_KEY".to_owned(), g.access_key.clone()),
+        ("DOCKSIDE_S3_SECRET_KEY".to_owned(), g.secret_key.clone()),
+    ];
+    let addr = format!("127.0.0.1:{port}");
+    vars.extend(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.replace("{addr}", &addr))),
+    );
+    let mut cmd = Command::new(cargo_lambda());
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        // An invocation the emulator loses fails after 120 s instead of hanging the test.
+        .args([
+            "lambda",
+            "watch",
+            "--ignore-changes",
+            "--quiet",
+            "--timeout",
+            "120",
+        ])
+        .args(["--invoke-address", "127.0.0.1", "--invoke-port"])
+        .arg(port.to_string())
+        .args(["--features", "lambda", "--bin", "dockside-lambda"]);
+    // The emulator passes its environment on to the function (`--env-var` would split values
+    // on commas, which TOML documents have).
+    cmd.envs(vars);
+    let file = std::fs::File::create(&log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .process_group(0);
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {}: {e}: run .ci/lambda, which installs cargo-lambda",
+            cargo_lambda()
+        )
+    });
+    let mut w = Watch {
+        child,
+        addr,
+        log,
+        _redis: redis,
+    };
+    let http = common::client();
+    // The emulator builds the function first (a no-op after .ci/lambda's build).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(r) = http.get(format!("http://{}/v2/", w.addr)).send().await
+            && (r.status() == 200 || r.status() == 401)
+        {
+            return w;
+        }
+        if let Ok(Some(status)) = w.child.try_wait() {
+            panic!("cargo lambda watch exited ({status}):\n{}", w.log_text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the function did not answer within 600 s:\n{}",
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// Pushes `data` as one blob of `repo` in PATCHes of `chunk` bytes; returns its digest.
+async fn push_chunked(base: &str, repo: &str, data: &[u8], chunk: usize) -> String {
+    let http = common::client();
+    let digest = sha256(data);
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut location = r.headers()["location"].to_str().unwrap().to_owned();
+    let mut offset = 0;
+    for part in data.chunks(chunk) {
+        let url = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location.clone()
+        };
+        let r = http
+            .patch(url)
+            .header("content-type", "application/octet-stream")
+            .header(
+                "content-range",
+                format!("{}-{}", offset, offset + part.len() - 1),
+            )
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+        location = r.headers()["location"].to_str().unwrap().to_owned();
+        offset += part.len();
+    }
+    let url = if location.starts_with('/') {
+        format!("{base}{location}")
+    } else {
+        location
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let r = http
+        .put(format!("{url}{sep}digest={digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    digest
+}
+
+/// A client that does not follow redirects, to see them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Streamed responses: an image pushed with oci-client in chunked PATCHes (its 9 MiB layer is
+/// above the request cap) and pulled back byte for byte (that layer streams: above the buffered
+/// cap, under the redirect threshold). The whole shared scenario runs buffered (below): its
+/// HEAD checks need the `Content-Length` that the emulator drops from streamed answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_client_push_pull_streamed() {
+    use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+    use oci_client::{Client, Reference, secrets::RegistryAuth};
+    let w = watch(&[]).await;
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        use_monolithic_push: false,
+        ..Default::default()
+    });
+    let layers = vec![
+        ImageLayer::oci_v1(pseudo_random(9 * 1024 * 1024 + 17, 1), None),
+        ImageLayer::oci_v1(pseudo_random(1000, 3), None),
+    ];
+    let config = Config::oci_v1(br#"{"architecture":"amd64","os":"linux"}"#.to_vec(), None);
+    let image: Reference = format!("{}/lambda/app:v1", w.addr).parse().unwrap();
+    client
+        .push(&image, &layers, config, &RegistryAuth::Anonymous, None)
+        .await
+        .expect("push through the Lambda function");
+    let pulled = client
+        .pull(
+            &image,
+            &RegistryAuth::Anonymous,
+            vec![oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE],
+        )
+        .await
+        .expect("pull through the Lambda function");
+    assert_eq!(pulled.layers.len(), 2);
+    for sent in &layers {
+        assert!(
+            pulled.layers.iter().any(|got| got.data == sent.data),
+            "the layer of {} bytes did not come back whole",
+            sent.data.len()
+        );
+    }
+}
+
+/// The shared scenario (oci-client push in 4 MiB PATCHes, a 9 MiB layer among them, so above
+/// the request cap; tags, referrers, the error envelope, a ranged read, a HEAD) through
+/// buffered responses (API Gateway's mode): the 9 MiB layer is redirected to a presigned S3
+/// URL, which oci-client follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn protocol_scenario_buffered() {
+    let w = watch(&[("DOCKSIDE_LAMBDA_RESPONSE", "buffered".to_owned())]).await;
+    scenarios::push_and_pull(&w.addr).await;
+}
+
+/// Access control from `DOCKSIDE_AUTH_CONFIG`, as the server reads it.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_control() {
+    let w = watch(&[
+        ("DOCKSIDE_AUTH_CONFIG", auth_toml()),
+        ("DOCKSIDE_AUTH_SECRET", AUTH_SECRET.to_owned()),
+        // lambda_http sees https (function URLs and API Gateway serve nothing else); the
+        // emulator serves http.
+        ("DOCKSIDE_AUTH_REALM", "http://{addr}/token".to_owned()),
+    ])
+    .await;
+    scenarios::access_control(&w.addr).await;
+}
+
+/// The caps, streamed mode: chunks above 4 MiB are refused with the spec's 413 envelope and
+/// advertised limits; a 12 MiB layer goes up in 4 MiB chunks; a blob GET above the buffered
+/// cap (12 MiB) streams whole, one above the streamed cap's threshold (20 MiB) is a 307 to
+/// a presigned URL that serves the same bytes (and a Range through it).
+#[tokio::test(flavor = "multi_thread")]
+async fn caps_streamed() {
+    let w = watch(&[]).await;
+    let base = format!("http://{}", w.addr);
+    let http = common::client();
+
+    let r = http
+        .post(format!("{base}/v2/caps/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let max = 4 * 1024 * 1024;
+    assert_eq!(
+        r.headers()["oci-chunk-max-length"],
+        max.to_string().as_str()
+    );
+    assert_eq!(
+        r.headers()["oci-chunk-min-length"],
+        max.to_string().as_str()
+    );
+
+    // One request above the cap: 413 with the envelope, nothing stored.
+    let big = pseudo_random(max + 1, 7);
+    let r = http
+        .post(format!(
+            "{base}/v2/caps/blobs/uploads/?digest={}",
+            sha256(&big)
+        ))
+        .header("content-type", "application/octet-stream")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "SIZE_INVALID");
+
+    let layer = pseudo_random(12 * 1024 * 1024 + 5, 8);
+    let digest = push_chunked(&base, "caps", &layer, max).await;
+    let r = no_redirects()
+        .get(format!("{base}/v2/caps/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = r.bytes().await.unwrap();
+    assert_eq!(got.len(), layer.len());
+    assert!(got[..] == layer[..], "the streamed blob differs");
+
+    let huge = pseudo_random(20 * 1024 * 1024, 9);
+    let digest = push_chunked(&base, "caps", &huge, max).await;
+    let r = no_redirects()
+        .get(format!("{base}/v2/caps/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(
+        location.starts_with(&garage::garage().endpoint),
+        "{location}"
+    );
+    let got = http.get(&location).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap()[..] == huge[..]);
+    // A short range of the same blob fits: served, not redirected.
+    let r = no_redirects()
+        .get(format!("{base}/v2/caps/blobs/{digest}"))
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert!(r.bytes().await.unwrap()[..] == huge[100..200]);
+    // HEAD is never a redirect. (Its Content-Length does not survive the emulator: it adds
+    // `transfer-encoding: chunked` to every streamed answer; README, "AWS Lambda".)
+    let r = no_redirects()
+        .head(format!("{base}/v2/caps/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+}
+
+/// Buffered mode: a blob that fits (1 MiB) is served in the payload, one above 4 MiB is a 307
+/// to a presigned URL serving the same bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn caps_buffered() {
+    let w = watch(&[("DOCKSIDE_LAMBDA_RESPONSE", "buffered".to_owned())]).await;
+    let base = format!("http://{}", w.addr);
+    let http = common::client();
+    let small = pseudo_random(1024 * 1024, 10);
+    let digest = push_chunked(&base, "buf", &small, 4 * 1024 * 1024).await;
+    let r = no_redirects()
+        .get(format!("{base}/v2/buf/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap()[..] == small[..]);
+
+    let large = pseudo_random(7 * 1024 * 1024, 11);
+    let digest = push_chunked(&base, "buf", &large, 4 * 1024 * 1024).await;
+    let r = no_redirects()
+        .get(format!("{base}/v2/buf/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let got = http.get(&location).send().await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap()[..] == large[..]);
+}
+
+/// A function without its stores fails its start and says what is missing (Lambda shows the
+/// init error); the emulator answers the invocation with an error, not a registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_errors_are_reported() {
+    let e = dockside::adapters::lambda::Settings::from_env(|_| None).unwrap_err();
+    assert!(e.contains("DOCKSIDE_KV"), "{e}");
+    let get = |k: &str| match k {
+        "DOCKSIDE_KV" => Some("redis://127.0.0.1:1".to_owned()),
+        "DOCKSIDE_BLOBS" => Some("/var/data".to_owned()),
+        _ => None,
+    };
+    let e = dockside::adapters::lambda::Settings::from_env(get).unwrap_err();
+    assert!(e.contains("s3://"), "{e}");
+    let get = |k: &str| match k {
+        "DOCKSIDE_KV" => Some("redis://127.0.0.1:1".to_owned()),
+        "DOCKSIDE_BLOBS" => Some("s3://b?endpoint=http://127.0.0.1:1".to_owned()),
+        "DOCKSIDE_LAMBDA_RESPONSE" => Some("chunked".to_owned()),
+        _ => None,
+    };
+    let e = dockside::adapters::lambda::Settings::from_env(get).unwrap_err();
+    assert!(e.contains("DOCKSIDE_LAMBDA_RESPONSE"), "{e}");
+}
