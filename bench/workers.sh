@@ -10,7 +10,7 @@ rounds=${1:-3}
 mib=${MIB:-256}
 wrangler=${DOCKSIDE_WRANGLER:-$(ls -d "$HOME"/.cache/dockside-ci/wrangler-*/node_modules/.bin/wrangler | tail -1)}
 export WRANGLER_SEND_METRICS=false
-[ -f build/worker/shim.mjs ] || { echo "build the Worker first (.ci/workers)" >&2; exit 1; }
+[ -d build ] || { echo "build the Worker first (.ci/workers)" >&2; exit 1; }
 work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill -TERM -- "-$pid" 2>/dev/null; sleep 0.5; rm -rf "$work"; }
@@ -28,7 +28,7 @@ manifest=$(printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.man
 
 # The repository's wrangler.toml without its build step (the Worker is built already).
 awk '/^\[/ { skip = ($0 == "[build]") } !skip' wrangler.toml \
-  | sed "s|^main = .*|main = \"$PWD/build/worker/shim.mjs\"|" > "$work/wrangler.toml"
+  | sed "s|^main = \"\(.*\)\"|main = \"$PWD/\1\"|" > "$work/wrangler.toml"
 port=$(free_port)
 base="http://127.0.0.1:$port"
 t0=$(now)
@@ -63,4 +63,5 @@ for r in $(seq "$rounds"); do
     awk '{s+=$1} END {printf "%.3f", s*1000/NR}')
   printf '%-8s manifest GET (new connection) %5s ms per request (mean of 100)\n' workers "$t"
 done
-printf '%-55s %6d KiB\n' build/worker/index.wasm $(( $(stat -c %s build/worker/*.wasm | head -1) / 1024 ))
+wasm=$(find build -name '*.wasm' | head -1)
+printf '%-55s %6d KiB\n' "$wasm" $(( $(stat -c %s "$wasm") / 1024 ))

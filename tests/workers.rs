@@ -1,7 +1,7 @@
 //! The Cloudflare Worker under `wrangler dev` (Cloudflare's `workerd` runtime, with a local R2
 //! bucket and local Durable Object storage), driven through its HTTP surface only.
 //!
-//! Needs the Worker built by worker-build (`build/worker/shim.mjs`) and the wrangler CLI:
+//! Needs the Worker built by worker-build (wrangler.toml's `main`) and the wrangler CLI:
 //! `.ci/workers` builds and installs both, then runs `cargo test --features workers-e2e --test
 //! workers` with `DOCKSIDE_WRANGLER` set. Without them every test fails and says why; none skips.
 //! Each test runs its own `wrangler dev` on a free loopback port, with its own state directory,
@@ -42,9 +42,15 @@ fn wrangler_cli() -> PathBuf {
     p
 }
 
-/// The Worker's entry point, built by worker-build.
-fn shim() -> PathBuf {
-    let p = repo_root().join("build/worker/shim.mjs");
+/// The Worker's entry point (`main` in wrangler.toml), built by worker-build.
+fn entry_point() -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("wrangler.toml");
+    let main = text
+        .lines()
+        .find_map(|l| l.strip_prefix("main = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("wrangler.toml names its main module");
+    let p = repo_root().join(main);
     assert!(
         p.is_file(),
         "{} is missing: build the Worker first (.ci/workers runs worker-build)",
@@ -67,7 +73,10 @@ fn config_without_build() -> String {
             continue;
         }
         if t.starts_with("main =") {
-            out.push_str(&format!("main = {:?}\n", shim().display().to_string()));
+            out.push_str(&format!(
+                "main = {:?}\n",
+                entry_point().display().to_string()
+            ));
         } else {
             out.push_str(line);
             out.push('\n');
