@@ -42,6 +42,7 @@ mod admission;
 pub mod auth;
 mod blobs;
 mod body;
+pub mod clock;
 mod counters;
 mod digest;
 mod error;

@@ -165,14 +165,11 @@ fn is_sane_request_id(v: &[u8]) -> bool {
 }
 
 /// 64 random bits in hex. Should randomness fail (it does not on any supported host), the
-/// time in nanoseconds still tells requests apart.
+/// time in milliseconds still tells most requests apart.
 pub fn new_request_id() -> String {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        b = t.to_be_bytes();
+        b = crate::clock::now_millis().to_be_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -54,9 +54,7 @@ struct Session {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::now_secs()
 }
 
 fn nonce() -> Result<String> {

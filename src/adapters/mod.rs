@@ -11,6 +11,8 @@
 //! - `wasi_http`: the `wasi:http/proxy` component for `wasmtime serve` (feature `wasi-http`),
 //!   with `wasi_http_client`, its outbound HTTP client on `wasi:http/outgoing-handler` (for S3).
 //! - `component_log`: both components' `tracing` events as JSON lines on stderr.
+//! - `workers`: the Cloudflare Worker (feature `workers`, `wasm32-unknown-unknown`), on R2 and a
+//!   Durable Object.
 
 #[cfg(all(feature = "server", not(target_arch = "wasm32")))]
 pub mod hyper_client;
@@ -39,3 +41,5 @@ mod spin_http_client;
 mod wasi_http;
 #[cfg(all(target_arch = "wasm32", feature = "wasi-http"))]
 mod wasi_http_client;
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "workers"))]
+mod workers;

@@ -141,9 +141,7 @@ pub(crate) fn rfc3339(secs: u64) -> String {
 
 /// Seconds since the Unix epoch.
 pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::clock::now_secs()
 }
 
 /// Shared, cheaply cloned access configuration.

@@ -10,11 +10,17 @@
 //! - [`s3`]: a blob store on S3-compatible object storage, through the outbound HTTP host
 //!   interface ([`crate::http_client`]).
 //! - `redis`: a key-value store on Valkey/Redis (native only, feature `redis`).
+//! - `r2` and `durable`: blobs in Cloudflare R2 and keys in a Durable Object, for the Worker
+//!   (`wasm32-unknown-unknown`, feature `workers`).
 
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "workers"))]
+pub mod durable;
 pub mod fs;
 pub mod indexed;
 pub mod kvblobs;
 pub mod mem;
+#[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "workers"))]
+pub mod r2;
 #[cfg(all(feature = "redis", not(target_arch = "wasm32")))]
 pub mod redis;
 pub mod s3;
