@@ -214,11 +214,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 deleting: false,
             })
             .expect("serializes");
-            if self
-                .kv
-                .compare_and_swap(&key, raw.as_deref(), &new)
-                .await?
-            {
+            if self.kv.compare_and_swap(&key, raw.as_deref(), &new).await? {
                 return Ok(());
             }
         }
@@ -526,12 +522,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             };
             let mut candidates: Vec<(&String, u64)> = tags
                 .iter()
-                .filter(|(t, _)| {
-                    !rule
-                        .protect
-                        .iter()
-                        .any(|p| crate::auth::glob(p, t))
-                })
+                .filter(|(t, _)| !rule.protect.iter().any(|p| crate::auth::glob(p, t)))
                 .map(|(t, (_, d))| (t, at_of(d)))
                 .collect();
             // Newest first; ties by name so a run is deterministic.
@@ -579,7 +570,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         }
         for (d, (_, m)) in &manifests {
-            let orphan_referrer = m.subject.as_ref().is_some_and(|s| !manifests.contains_key(s));
+            let orphan_referrer = m
+                .subject
+                .as_ref()
+                .is_some_and(|s| !manifests.contains_key(s));
             if !old(m.at) || (!untagged && !orphan_referrer) {
                 stack.push(d.clone());
             }
@@ -604,7 +598,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 }
             }
             if let Some(rs) = referrers.get(&d) {
-                stack.extend(rs.iter().filter(|r| !live.contains(**r)).map(|r| (*r).clone()));
+                stack.extend(
+                    rs.iter()
+                        .filter(|r| !live.contains(**r))
+                        .map(|r| (*r).clone()),
+                );
             }
         }
 
@@ -678,11 +676,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 sweep.gone_links.insert((name.to_string(), d));
                 continue;
             }
-            let claimed = BlobLink {
-                gone: true,
-                ..link
-            }
-            .encode();
+            let claimed = BlobLink { gone: true, ..link }.encode();
             if self.kv.compare_and_swap(&k, Some(&raw), &claimed).await? {
                 self.kv.delete(&k).await?;
             } else {
@@ -693,10 +687,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
         // An emptied repository leaves the catalog.
         if tags.is_empty() && manifests.is_empty() && links_left == 0 {
-            let uploads = self
-                .kv
-                .list(&layout::uploads_prefix(name), None, 1)
-                .await?;
+            let uploads = self.kv.list(&layout::uploads_prefix(name), None, 1).await?;
             if uploads.is_empty() {
                 sweep.stats.repositories += 1;
                 sweep.note(|| format!("repository {name}"));
@@ -757,7 +748,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     }
 
     /// Deletes the blob of record `key` if no repository links it and it is past the grace.
-    async fn collect_blob(&self, key: &str, repos: &[RepoName], sweep: &mut Sweep) -> StoreResult<()> {
+    async fn collect_blob(
+        &self,
+        key: &str,
+        repos: &[RepoName],
+        sweep: &mut Sweep,
+    ) -> StoreResult<()> {
         let Some(d) = layout::digest_from_suffix(&key[layout::gc_blobs_prefix().len()..]) else {
             return Ok(());
         };
@@ -766,7 +762,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let Some(raw) = self.kv.get(key).await? else {
             return Ok(());
         };
-        let r: BlobRecord = serde_json::from_slice(&raw).map_err(|_| corrupt("blob record", key))?;
+        let r: BlobRecord =
+            serde_json::from_slice(&raw).map_err(|_| corrupt("blob record", key))?;
         let data = layout::blob_data(&d);
         if r.deleting {
             // Claimed by a collector that stopped before finishing.

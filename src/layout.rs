@@ -202,11 +202,7 @@ pub fn gc_blobs_prefix() -> &'static str {
 /// Garbage collection's record of a stored blob: when it was last written or linked, and
 /// whether the collector has claimed it. Every blob the store holds has one.
 pub fn gc_blob(digest: &Digest) -> String {
-    format!(
-        "gc/blobs/{}/{}",
-        digest.algorithm().as_str(),
-        digest.hex()
-    )
+    format!("gc/blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
 }
 
 pub fn manifests_prefix(name: &RepoName) -> String {

@@ -206,7 +206,12 @@ struct ServeArgs {
 
     /// Run garbage collection every this many seconds inside the server (0: never; then run
     /// `dockside gc`). See --gc-config for what it keeps.
-    #[arg(long, env = "DOCKSIDE_GC_INTERVAL", default_value_t = 0, value_name = "SECS")]
+    #[arg(
+        long,
+        env = "DOCKSIDE_GC_INTERVAL",
+        default_value_t = 0,
+        value_name = "SECS"
+    )]
     gc_interval: u64,
 
     /// Garbage collection settings (TOML): grace_secs (default 3600), untagged (false),
