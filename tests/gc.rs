@@ -147,13 +147,12 @@ impl H {
             req = req.header("content-type", ct);
         }
         let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
-        let resp = with_registry!(self, |r| {
+        with_registry!(self, |r| {
             let resp = r.handle(req).await;
             let status = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             Resp { status, body }
-        });
-        resp
+        })
     }
 
     async fn get(&self, uri: &str) -> Resp {
@@ -595,7 +594,7 @@ async fn race_pushes_against_collector() {
                 )
                 .await
                 .expect(201);
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     h.delete(&format!("/v2/{repo}/manifests/{}", sha256(&m)))
                         .await
                         .expect(202);
@@ -638,7 +637,7 @@ async fn crash_collector_at_random_points() {
         let (m, d) = h
             .push_image(&repo, &format!("t{i}"), &[&[5u8; 700], &own])
             .await;
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             survivors.push((repo, format!("t{i}"), m));
         } else {
             h.delete(&format!("/v2/{repo}/manifests/{d}"))
