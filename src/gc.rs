@@ -507,7 +507,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
         judged += manifests.len();
 
-        // Retention rules remove tags.
+        // Retention rules remove tags; the manifests only they reached go too, even with
+        // `untagged` off (retention is there to reclaim space).
+        let mut untagged_now: HashSet<Digest> = HashSet::new();
         if let Some(rule) = self
             .config
             .gc
@@ -541,6 +543,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
             for t in remove {
                 let (key, d) = tags.remove(&t).expect("listed");
+                if let Some(d) = &d {
+                    untagged_now.insert(d.clone());
+                }
                 sweep.stats.tags += 1;
                 sweep.note(|| format!("tag {name}:{t}"));
                 if !sweep.dry {
@@ -574,7 +579,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 .subject
                 .as_ref()
                 .is_some_and(|s| !manifests.contains_key(s));
-            if !old(m.at) || (!untagged && !orphan_referrer) {
+            let keep_untagged = !untagged && !untagged_now.contains(d);
+            if !old(m.at) || (keep_untagged && !orphan_referrer) {
                 stack.push(d.clone());
             }
         }
@@ -757,8 +763,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let Some(d) = layout::digest_from_suffix(&key[layout::gc_blobs_prefix().len()..]) else {
             return Ok(());
         };
-        // The time first, then the record, then the links (see the argument).
-        let now = now_secs().max(sweep.now);
+        // Judged by the step's time, taken before the catalog was listed: a link in a
+        // repository created since then belongs to a push that touched the record after that
+        // time, so the record reads fresh (see the argument in ARCHITECTURE).
+        let now = sweep.now;
         let Some(raw) = self.kv.get(key).await? else {
             return Ok(());
         };

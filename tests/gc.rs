@@ -713,3 +713,43 @@ async fn crash_collector_at_random_points() {
     assert_eq!(again["links"], 0, "{again}");
     eprintln!("{killed_mid_run} of 10 runs killed mid-way; the last run: {stats}");
 }
+
+/// With `untagged` off, the manifests only removed tags reached still go (retention is there to
+/// reclaim space), while a manifest pushed by digest alone stays.
+#[tokio::test]
+async fn retention_reclaims_with_untagged_off() {
+    let mut config = gc_config(0);
+    config.gc.retention = vec![RetentionRule {
+        repositories: "ci/*".into(),
+        keep_newest: Some(1),
+        keep_younger_than_secs: None,
+        protect: Vec::new(),
+    }];
+    let h = H::memory(config);
+    let mut digests = Vec::new();
+    for t in ["t1", "t2", "t3"] {
+        digests.push(h.push_image("ci/app", t, &[t.as_bytes()]).await.1);
+    }
+    let m = h.image_manifest("ci/app", "bydigest", &[b"d"]).await;
+    let md = sha256(&m);
+    h.send(
+        Method::PUT,
+        &format!("/v2/ci/app/manifests/{md}"),
+        Some(MANIFEST),
+        &m,
+    )
+    .await
+    .expect(201);
+    let stats = h.collect().await;
+    assert_eq!(stats["tags"], 2, "{stats}");
+    assert_eq!(stats["manifests"], 2, "{stats}");
+    h.pull("ci/app", "t1").await;
+    h.pull("ci/app", &md).await;
+    for d in &digests[1..] {
+        h.get(&format!("/v2/ci/app/manifests/{d}"))
+            .await
+            .expect(404);
+    }
+    assert!(!h.stored(&sha256(b"t3")).await);
+    assert!(h.stored(&sha256(b"d")).await);
+}
