@@ -16,6 +16,24 @@ use crate::request::header_str;
 #[derive(Serialize, Deserialize)]
 pub(crate) struct BlobLink {
     pub size: u64,
+    /// When it was last linked or referenced by a manifest push (seconds since the epoch; 0:
+    /// before garbage collection existed). Garbage collection spares younger links.
+    #[serde(default)]
+    pub at: u64,
+    /// Claimed by garbage collection, about to be deleted: reads treat it as absent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gone: bool,
+}
+
+impl BlobLink {
+    pub(crate) fn decode(v: &[u8]) -> std::result::Result<Self, crate::error::StoreError> {
+        serde_json::from_slice(v)
+            .map_err(|e| crate::error::StoreError::new(format!("corrupt blob link: {e}")))
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serializes")
+    }
 }
 
 fn blob_unknown(digest: &Digest) -> Error {
@@ -32,9 +50,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let Some(v) = self.kv.get(&layout::blob_link(name, digest)).await? else {
             return Ok(None);
         };
-        let link: BlobLink = serde_json::from_slice(&v)
-            .map_err(|e| crate::error::StoreError::new(format!("corrupt blob link: {e}")))?;
-        Ok(Some(link.size))
+        let link = BlobLink::decode(&v)?;
+        Ok((!link.gone).then_some(link.size))
     }
 
     pub(crate) async fn link_blob(
@@ -43,7 +60,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         digest: &Digest,
         size: u64,
     ) -> Result<()> {
-        let v = serde_json::to_vec(&BlobLink { size }).expect("serializes");
+        let v = BlobLink {
+            size,
+            at: crate::auth::now_secs(),
+            gone: false,
+        }
+        .encode();
         self.kv.set(&layout::blob_link(name, digest), &v).await?;
         self.ensure_repository(name).await
     }

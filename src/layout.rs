@@ -16,6 +16,10 @@
 //! │                                                            address by its /64)
 //! ├── login-failures/user-address/<address|unknown>/<sha256(user)>
 //! │                                                            ... of a user name from one address
+//! ├── gc/state                                                 garbage collection: {"generation",
+//! │                                                            "phase","cursor","stats",..}
+//! ├── gc/blobs/<alg>/<hex>                                     {"at","deleting"}: a stored blob,
+//! │                                                            when last written or linked
 //! └── repositories/<name>/
 //!     ├── _layers/<alg>/<hex>                                 {"size":N}  blob linked into <name>
 //!     ├── _manifests/revisions/<alg>/<hex>                    manifest record: a JSON header line
@@ -193,6 +197,33 @@ pub fn blob_data(digest: &Digest) -> String {
 /// never write the same object.
 pub fn upload_part(id: &UploadId, offset: u64, nonce: &str) -> String {
     format!("uploads/{id}/{offset:020}-{nonce}")
+}
+
+/// Garbage collection's state: phase, cursor, generation, counts (`crate::gc`).
+pub fn gc_state() -> &'static str {
+    "gc/state"
+}
+
+pub fn gc_blobs_prefix() -> &'static str {
+    "gc/blobs/"
+}
+
+/// Garbage collection's record of a stored blob: when it was last written or linked, and
+/// whether the collector has claimed it. Every blob the store holds has one.
+pub fn gc_blob(digest: &Digest) -> String {
+    format!("gc/blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
+}
+
+pub fn manifests_prefix(name: &RepoName) -> String {
+    format!("{}/_manifests/revisions/", repo(name))
+}
+
+pub fn layers_prefix(name: &RepoName) -> String {
+    format!("{}/_layers/", repo(name))
+}
+
+pub fn uploads_prefix(name: &RepoName) -> String {
+    format!("{}/_uploads/", repo(name))
 }
 
 /// The digest behind a `<alg>/<hex>` key suffix (referrer keys), if it is one.

@@ -31,6 +31,11 @@ enum Command {
     /// Serve the registry over HTTP, storing in a local directory, or in Valkey/Redis (keys)
     /// and S3 (blobs) shared by several instances.
     Serve(Box<ServeArgs>),
+    /// Collect garbage once, online (`dockside serve` may run meanwhile, on the same stores):
+    /// stale uploads, tags beyond the retention rules, unreachable manifests (with `untagged`),
+    /// blob links and blobs nothing references. Takes `serve`'s store options; prints what it
+    /// removed (JSON). Resumes a run that was interrupted.
+    Gc(Box<GcArgs>),
     /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
     /// standard input (one line).
     HashPassword(HashArgs),
@@ -68,6 +73,15 @@ struct HashArgs {
     /// bcrypt (cost 12) instead of argon2id.
     #[arg(long)]
     bcrypt: bool,
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// List what a run would remove, one line each, and remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args)]
@@ -190,6 +204,21 @@ struct ServeArgs {
     /// (they then count for a day).
     #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
     upload_expiry_secs: u64,
+
+    /// Run garbage collection every this many seconds inside the server (0: never; then run
+    /// `dockside gc`). See --gc-config for what it keeps.
+    #[arg(
+        long,
+        env = "DOCKSIDE_GC_INTERVAL",
+        default_value_t = 0,
+        value_name = "SECS"
+    )]
+    gc_interval: u64,
+
+    /// Garbage collection settings (TOML): grace_secs (default 3600), untagged (false),
+    /// step_items, [[retention]] rules. See README, "Garbage collection".
+    #[arg(long, env = "DOCKSIDE_GC_CONFIG_FILE", value_name = "FILE")]
+    gc_config: Option<PathBuf>,
 
     /// Configuration file (TOML) with an `[auth]` table: users, rules, token settings. Without
     /// one (and without DOCKSIDE_AUTH_CONFIG), anyone may pull and push. DOCKSIDE_AUTH_SECRET,
@@ -332,6 +361,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Gc(args) => gc(*args),
         Command::HashPassword(args) => hash_password(args),
         Command::Healthcheck(args) => healthcheck(&args),
         Command::Completions { shell } => {
@@ -506,6 +536,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_uploads_per_repository: args.max_uploads_per_repository,
         upload_expiry_secs: args.upload_expiry_secs,
         mirror: mirror_config(args.mirror_config.as_ref())?,
+        gc: gc_config(args.gc_config.as_ref())?,
         ..Config::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -574,6 +605,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         };
         tracing::info!("dockside listening on {scheme}://{addr}, {stores}{redirect}");
         let registry = Arc::new(registry);
+        if args.gc_interval > 0 {
+            tokio::spawn(collect_garbage(registry.clone(), args.gc_interval));
+        }
         if args.upload_expiry_secs > 0 || args.login_window_secs > 0 {
             tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
         }
@@ -681,6 +715,62 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
             .await
             .map(ServerBlobs::from),
         StoreSpec::Redis(_) => unreachable!("--blobs never names a Redis store"),
+    }
+}
+
+/// `dockside gc`: one whole run (or a dry run) on the stores `serve` would open.
+fn gc(args: GcArgs) -> Result<(), String> {
+    let a = args.serve;
+    let config = Config {
+        upload_expiry_secs: a.upload_expiry_secs,
+        gc: gc_config(a.gc_config.as_ref())?,
+        ..Config::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async {
+        let kv = StoreSpec::kv(a.kv.as_deref(), &a.data)?;
+        let blobs = StoreSpec::blobs(a.blobs.as_deref(), &a.data)?;
+        let kv = open_kv(&kv, &a.kv_prefix, !a.no_fsync).await?;
+        let blobs = open_blobs(&blobs, !a.no_fsync).await?;
+        let registry = dockside::Registry::new(kv, blobs, config);
+        let out = if args.dry_run {
+            let report = registry.gc_dry_run().await.map_err(|e| e.to_string())?;
+            for item in &report.items {
+                println!("{item}");
+            }
+            serde_json::to_string(&report.stats)
+        } else {
+            let p = registry.gc_run().await.map_err(|e| e.to_string())?;
+            serde_json::to_string(&p.last)
+        };
+        println!("{}", out.expect("serializes"));
+        Ok(())
+    })
+}
+
+fn gc_config(file: Option<&PathBuf>) -> Result<dockside::GcConfig, String> {
+    match file {
+        None => Ok(dockside::GcConfig::default()),
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+            dockside::GcConfig::from_toml(&text).map_err(|e| format!("{}: {e}", f.display()))
+        }
+    }
+}
+
+/// Runs garbage collection every `every_secs`, step by step (each step bounded, so stores are
+/// never held long).
+async fn collect_garbage(registry: Arc<ServedRegistry>, every_secs: u64) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(every_secs)).await;
+        match registry.gc_run().await {
+            Ok(p) => tracing::info!(stats = ?p.last, "garbage collection finished"),
+            Err(e) => tracing::warn!("garbage collection failed: {e}"),
+        }
     }
 }
 

@@ -33,6 +33,17 @@ struct RecordHeader {
     media_type: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     subject: Option<String>,
+    /// When it was last pushed or referenced by a push (seconds since the epoch): garbage
+    /// collection spares records younger than its grace period (`crate::gc`). 0 if unknown.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    at: u64,
+    /// Claimed by garbage collection, about to be deleted: reads treat it as absent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    gone: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A manifest as read from the store.
@@ -40,12 +51,22 @@ pub(crate) struct StoredManifest {
     pub media_type: String,
     pub subject: Option<Digest>,
     pub bytes: Bytes,
+    pub at: u64,
+    pub gone: bool,
 }
 
-pub(crate) fn encode_record(media_type: &str, subject: Option<&Digest>, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn encode_record(
+    media_type: &str,
+    subject: Option<&Digest>,
+    bytes: &[u8],
+    at: u64,
+    gone: bool,
+) -> Vec<u8> {
     let header = RecordHeader {
         media_type: media_type.to_owned(),
         subject: subject.map(Digest::to_string),
+        at,
+        gone,
     };
     let mut v = serde_json::to_vec(&header).expect("serializes");
     v.push(b'\n');
@@ -53,7 +74,7 @@ pub(crate) fn encode_record(media_type: &str, subject: Option<&Digest>, bytes: &
     v
 }
 
-fn decode_record(raw: Vec<u8>) -> std::result::Result<StoredManifest, StoreError> {
+pub(crate) fn decode_record(raw: Vec<u8>) -> std::result::Result<StoredManifest, StoreError> {
     let raw = Bytes::from(raw);
     let nl = raw
         .iter()
@@ -68,7 +89,26 @@ fn decode_record(raw: Vec<u8>) -> std::result::Result<StoredManifest, StoreError
             .as_deref()
             .and_then(|s| Digest::parse(s).ok()),
         bytes: raw.slice(nl + 1..),
+        at: header.at,
+        gone: header.gone,
     })
+}
+
+/// What a stored manifest references: `(digest, is_manifest)` of each blob and child manifest
+/// (the subject is not one: a referrer does not keep its subject alive). Empty if the stored
+/// bytes no longer validate (they did when pushed).
+pub(crate) fn references_of(m: &StoredManifest) -> Vec<(Digest, bool)> {
+    validate(&m.bytes, &m.media_type)
+        .map(|p| {
+            p.references
+                .into_iter()
+                .map(|r| match r {
+                    Reference::Blob { digest, .. } => (digest, false),
+                    Reference::Manifest { digest, .. } => (digest, true),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What a manifest references, as found by [`validate`].
@@ -246,7 +286,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     ) -> Result<Option<StoredManifest>> {
         match self.kv.get(&layout::manifest(name, digest)).await? {
             None => Ok(None),
-            Some(raw) => Ok(Some(decode_record(raw)?)),
+            Some(raw) => Ok(Some(decode_record(raw)?).filter(|m| !m.gone)),
         }
     }
 
@@ -361,12 +401,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
         for r in &parsed.references {
             let (digest, size, found) = match r {
+                // Touched, not just read: garbage collection spares what a push just referenced
+                // (`crate::gc`, the race with a push).
                 Reference::Blob { digest, size } => {
-                    (digest, *size, self.blob_link(name, digest).await?)
+                    (digest, *size, self.touch_link(name, digest).await?)
                 }
                 Reference::Manifest { digest, size } => {
-                    let m = self.load_manifest(name, digest).await?;
-                    (digest, *size, m.map(|m| m.bytes.len() as u64))
+                    (digest, *size, self.touch_manifest(name, digest).await?)
                 }
             };
             match found {
@@ -402,12 +443,22 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
         // Tagging a stored manifest again (CI retags, a re-push) writes nothing but the tag:
         // the same bytes make the same record, and each write costs the directory host an
-        // fsync.
-        if existing.is_none_or(|e| e.bytes != bytes) {
+        // fsync. Unless the record's time is old enough that garbage collection could take it
+        // soon: then the write is the push's touch (`crate::gc`, the race with a push).
+        let now = crate::auth::now_secs();
+        if existing.is_none_or(|e| {
+            e.bytes != bytes || !crate::gc::fresh(e.at, now, self.config.gc.grace_secs)
+        }) {
             self.kv
                 .set(
                     &key,
-                    &encode_record(&parsed.media_type, parsed.subject.as_ref(), &bytes),
+                    &encode_record(
+                        &parsed.media_type,
+                        parsed.subject.as_ref(),
+                        &bytes,
+                        now,
+                        false,
+                    ),
                 )
                 .await?;
         }

@@ -78,6 +78,8 @@ pub struct Config {
     pub upload_expiry_secs: u64,
     /// A pull-through mirror of other registries (`crate::mirror`); `None`, the default: none.
     pub mirror: Option<Arc<crate::mirror::Mirror>>,
+    /// Garbage collection: grace period, retention rules, step size (`crate::gc`).
+    pub gc: crate::gc::GcConfig,
 }
 
 impl Default for Config {
@@ -102,6 +104,7 @@ impl Default for Config {
             max_uploads: 1000,
             max_uploads_per_repository: 100,
             upload_expiry_secs: 24 * 3600,
+            gc: crate::gc::GcConfig::default(),
         }
     }
 }
@@ -171,6 +174,11 @@ impl Config {
             delete_enabled: !flag("DOCKSIDE_NO_DELETE")?,
             tag_delete_enabled: !flag("DOCKSIDE_NO_TAG_DELETE")?,
             auth: AuthConfig::from_settings(&get, None)?.map(Arc::new),
+            gc: match get("DOCKSIDE_GC_CONFIG") {
+                Some(t) if !t.trim().is_empty() => crate::gc::GcConfig::from_toml(&t)
+                    .map_err(|e| format!("DOCKSIDE_GC_CONFIG: {e}"))?,
+                _ => d.gc.clone(),
+            },
             blob_redirect: num("DOCKSIDE_BLOB_REDIRECT")?
                 .filter(|&s| s > 0)
                 .map(std::time::Duration::from_secs),
@@ -265,6 +273,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             // about what is stored.
             (_, "/live" | "/ready" | "/healthz") => self.probe(&parts).await,
             (Some(auth), "/token") => self.token(auth, &parts, &mut body, &throttle).await,
+            (_, crate::gc::GC_PATH) => self.gc_request(&parts, &throttle).await,
             _ => self.route(&parts, &mut body, &throttle).await,
         };
         let mut resp = match result {

@@ -161,6 +161,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             if let Some(from) = q.get("from") {
                 let from = RepoName::parse(from, self.config.max_name_length)?;
                 if let Some(size) = self.blob_link(&from, &digest).await? {
+                    // Touched before it is linked: see `crate::gc` (a blob being collected
+                    // answers 503, to be retried).
+                    self.touch_blob(&digest).await?;
                     self.link_blob(name, &digest, size).await?;
                     return Ok(blob_created(name, &digest));
                 }
@@ -507,6 +510,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         size: u64,
     ) -> Result<()> {
         let dest = layout::blob_data(digest);
+        // Touched before the store is asked whether it holds the content, so garbage
+        // collection cannot delete that content under this commit (`crate::gc`).
+        self.touch_blob(digest).await?;
         // An object of another size under that name is not this blob (a write cut short
         // elsewhere, a store gone wrong): it is replaced, not trusted.
         if self.blobs.size(&dest).await? == Some(size) {

@@ -26,7 +26,7 @@ mod rules;
 mod token;
 
 pub use config::hash_password;
-pub(crate) use rules::{Caller, Need};
+pub(crate) use rules::{Caller, Need, glob};
 pub(crate) use token::ResourceActions;
 
 /// Default lifetime of an access token, in seconds.

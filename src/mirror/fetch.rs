@@ -235,7 +235,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         self.kv
             .set(
                 &layout::manifest(name, &digest),
-                &crate::manifests::encode_record(&media_type, subject.as_ref(), &bytes),
+                &crate::manifests::encode_record(
+                    &media_type,
+                    subject.as_ref(),
+                    &bytes,
+                    crate::auth::now_secs(),
+                    false,
+                ),
             )
             .await?;
         if let Some(tag) = tag {
