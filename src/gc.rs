@@ -11,7 +11,7 @@
 //!    written or linked) whose blob no repository links any more, and that is older than the
 //!    grace period, is claimed, its content deleted, then the record.
 //!
-//! Safety against pushes (the argument is in docs/ARCHITECTURE.md, "Garbage collection"): every
+//! Safety against pushes (the argument is in docs/DESIGN.md, "Garbage collection"): every
 //! write that makes content reachable first *touches* a time (`at`) by compare-and-swap: a blob
 //! commit or mount its `gc/blobs` record, a manifest push each link and child manifest it
 //! references. The collector deletes only what is older than the grace period, and claims it by
@@ -468,7 +468,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// Collects inside one repository; returns how many keys it judged.
     async fn collect_repository(&self, name: &RepoName, sweep: &mut Sweep) -> StoreResult<usize> {
         let grace = self.config.gc.grace_secs;
-        // Judged by a time taken before anything is read (see the argument in ARCHITECTURE).
+        // Judged by a time taken before anything is read (see the argument in docs/DESIGN.md).
         let now = now_secs().max(sweep.now);
         let old = |at: u64| at.saturating_add(grace) <= now;
         let mut judged = 0;
@@ -765,7 +765,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         };
         // Judged by the step's time, taken before the catalog was listed: a link in a
         // repository created since then belongs to a push that touched the record after that
-        // time, so the record reads fresh (see the argument in ARCHITECTURE).
+        // time, so the record reads fresh (see the argument in docs/DESIGN.md).
         let now = sweep.now;
         let Some(raw) = self.kv.get(key).await? else {
             return Ok(());
