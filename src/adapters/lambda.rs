@@ -159,7 +159,11 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
         let before = served.load(Ordering::Relaxed);
         let registry = registry.clone();
         let count = served.clone();
-        let ended = match mode {
+        // A panic inside lambda_runtime's loop (1.5.0 panics when a `/next` answer lacks its
+        // request-id header, which `cargo lambda watch` sends after a lost connection) ends
+        // this loop, not the function: it is caught here and the loop started again below.
+        let mut looping = std::pin::pin!(async move {
+            match mode {
             ResponseMode::Stream => {
                 lambda_http::run_with_streaming_response(service_fn(move |req| {
                     let registry = registry.clone();
@@ -179,7 +183,15 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
                 }))
                 .await
             }
-        };
+            }
+        });
+        let ended = std::future::poll_fn(|cx| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| looping.as_mut().poll(cx)))
+                .unwrap_or_else(|_| {
+                    std::task::Poll::Ready(Err("the Runtime API loop panicked".into()))
+                })
+        })
+        .await;
         match ended {
             Ok(()) => return Ok(()),
             Err(e) => {
