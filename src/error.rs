@@ -148,6 +148,17 @@ impl Error {
     }
 
     /// The JSON envelope of the spec: `{"errors":[{"code","message","detail"}]}`.
+    /// The envelope of an `UNKNOWN` error with `message`: what the adapters answer when a
+    /// request fails before the core runs (a store that cannot be opened, a bad setting).
+    pub fn unknown_json(message: impl Into<String>) -> Vec<u8> {
+        Error::new(
+            ErrorCode::Unknown,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+        )
+        .to_json()
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         let mut entry = serde_json::json!({
             "code": self.code.as_str(),

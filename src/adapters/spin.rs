@@ -258,11 +258,12 @@ async fn chunk_bytes() -> Result<usize, String> {
 
 /// An error answered before the core runs, in the registry's error envelope.
 fn plain_error(message: String) -> Response {
-    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]});
     http::Response::builder()
         .status(500)
         .header("content-type", "application/json")
-        .body(Either::Left(Body::full(body.to_string())))
+        .body(Either::Left(Body::full(crate::Error::unknown_json(
+            message,
+        ))))
         .expect("a valid response")
 }
 

@@ -139,7 +139,7 @@ fn open() -> Result<Store, String> {
 /// A response built here, for failures before the core runs (its error envelope is not
 /// available without a registry).
 fn respond_plain(out: ResponseOutparam, status: u16, msg: &str) {
-    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": msg}]}).to_string();
+    let body = crate::Error::unknown_json(msg);
     let headers = Fields::from_list(&[("content-type".to_owned(), b"application/json".to_vec())])
         .unwrap_or_else(|_| Fields::new());
     let resp = OutgoingResponse::new(headers);
@@ -147,7 +147,7 @@ fn respond_plain(out: ResponseOutparam, status: u16, msg: &str) {
     let Ok(body_out) = resp.body() else { return };
     ResponseOutparam::set(out, Ok(resp));
     if let Ok(stream) = body_out.write() {
-        for chunk in body.as_bytes().chunks(4096) {
+        for chunk in body.chunks(4096) {
             if stream.blocking_write_and_flush(chunk).is_err() {
                 break;
             }

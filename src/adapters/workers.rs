@@ -86,8 +86,7 @@ fn open(env: &Env) -> Result<Registry<DurableKv, R2Blobs>, String> {
 
 /// A response built here, for failures before the core runs, in the spec's error envelope.
 fn plain_error(msg: &str) -> RegistryResponse<R2Blobs> {
-    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": msg}]}).to_string();
-    let mut resp = http::Response::new(Body::full(body));
+    let mut resp = http::Response::new(Body::full(crate::Error::unknown_json(msg)));
     *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
