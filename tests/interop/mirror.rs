@@ -53,9 +53,19 @@ impl Distribution {
             .stderr(log)
             .spawn()
             .expect("start docker-registry");
-        let d = Distribution { child, dir, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while get(&format!("{}/v2/", d.base_url()), None).status != 200 {
+        let mut d = Distribution { child, dir, port };
+        // Until it listens, a connection is refused: wait for the port before asking `/v2/`
+        // (on a loaded machine docker-registry takes seconds to bind).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && get(&format!("{}/v2/", d.base_url()), None).status == 200
+            {
+                break d;
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("docker-registry exited ({status}): {}", d.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "docker-registry did not start: {}",
@@ -63,7 +73,6 @@ impl Distribution {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        d
     }
 
     pub(crate) fn base_url(&self) -> String {
