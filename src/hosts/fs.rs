@@ -1,8 +1,10 @@
 //! Local-directory hosts: the native server's default storage.
 //!
 //! Only `std::fs` is used, so the same code serves `wasi:filesystem` in a wasm component. Every
-//! write goes to a temporary file, is fsynced, then renamed into place: a reader (or a restart
-//! after a crash) sees a whole object or none.
+//! write goes to a temporary file, is fsynced, then renamed into place, and the directory is
+//! synced (so the new name is on the disk too) before the write returns: a reader (or a restart
+//! after a machine crash) sees a whole object or none, and an acknowledged write stays. A
+//! delete is not synced: a crash may bring a deleted key back (the collector removes it again).
 //!
 //! On disk, under the data directory:
 //! ```text
@@ -59,6 +61,41 @@ fn write_file(path: &Path, data: &[u8], fsync: bool) -> io::Result<()> {
     let mut f = File::create(path)?;
     f.write_all(data)?;
     if fsync { f.sync_all() } else { Ok(()) }
+}
+
+/// Makes the entries of `dir` durable: a rename (or a file or directory created) in it is only
+/// on the disk once the directory itself is synced; syncing the file makes its bytes durable,
+/// not its name. Without this, a machine crash soon after a write was acknowledged can lose it.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    if cfg!(target_family = "wasm") {
+        // wasi:filesystem has no way to open a directory as a file to sync it: the host's own
+        // guarantees apply there.
+        return Ok(());
+    }
+    File::open(dir)?.sync_all()
+}
+
+/// `fs::create_dir_all`, and with `fsync` each directory it creates is synced into its parent
+/// (so a key in a new directory, e.g. a new repository's first tag, survives a crash).
+fn create_dirs(dir: &Path, fsync: bool) -> io::Result<()> {
+    if !fsync || dir.is_dir() {
+        return fs::create_dir_all(dir);
+    }
+    let mut missing = Vec::new();
+    let mut d = Some(dir);
+    while let Some(p) = d
+        && !p.is_dir()
+    {
+        missing.push(p);
+        d = p.parent();
+    }
+    fs::create_dir_all(dir)?;
+    for p in missing.iter().rev() {
+        if let Some(parent) = p.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -119,8 +156,9 @@ impl FsKv {
         })
     }
 
-    /// Whether writes are fsynced before they are renamed into place (the default). Without,
-    /// a crash of the *machine* (not of the process) may lose or truncate recent writes.
+    /// Whether writes are fsynced before they are renamed into place, and their directory
+    /// after (the default). Without, a crash of the *machine* (not of the process) may lose or
+    /// truncate recent writes.
     pub fn fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
         self
@@ -460,9 +498,10 @@ impl FsKv {
         let mut retries = 0;
         loop {
             let tmp = dir.join(format!(".tmp-{}", nonce()));
-            let result = fs::create_dir_all(dir)
+            let result = create_dirs(dir, self.fsync)
                 .and_then(|()| write_file(&tmp, value, self.fsync))
-                .and_then(|()| fs::rename(&tmp, &path));
+                .and_then(|()| fs::rename(&tmp, &path))
+                .and_then(|()| if self.fsync { sync_dir(dir) } else { Ok(()) });
             if result.is_err() {
                 let _ = fs::remove_file(&tmp);
             }
@@ -562,7 +601,7 @@ impl KeyValue for FsKv {
         // (wasmtime serve runs one per request on the same directory) on the lock file.
         let _guard = self.cas.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.path(key)?;
-        let _lock = KeyLock::acquire(&path)?;
+        let _lock = KeyLock::acquire(&path, self.fsync)?;
         if self.get_now(key)?.as_deref() != expected {
             return Ok(false);
         }
@@ -584,7 +623,9 @@ const LOCK_WAIT: Duration = Duration::from_secs(10);
 const LOCK_STALE: Duration = Duration::from_secs(30);
 
 impl KeyLock {
-    fn acquire(key_path: &Path) -> Result<KeyLock, StoreError> {
+    /// `fsync`: directories made for the lock are synced into their parents (the key written
+    /// under the lock lives in them).
+    fn acquire(key_path: &Path, fsync: bool) -> Result<KeyLock, StoreError> {
         let dir = key_path.parent().expect("a key path has a parent");
         let name = key_path.file_name().expect("a key path has a name");
         let lock = dir.join(format!(".lock-{}", name.to_string_lossy()));
@@ -597,7 +638,7 @@ impl KeyLock {
                 .open(&lock)
             {
                 Ok(_) => return Ok(KeyLock(lock)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(dir)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => create_dirs(dir, fsync)?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     let stale = fs::metadata(&lock)
                         .and_then(|m| m.modified())
@@ -702,17 +743,17 @@ impl FsBlobs {
     /// directory. If another writer published `dest` first (a rename cannot replace a
     /// directory, or a file by a directory), theirs stays: blob paths are content-addressed.
     fn publish(&self, tmp: &Path, dest: &Path) -> io::Result<()> {
-        if let Some(dir) = dest.parent() {
-            fs::create_dir_all(dir)?;
-        }
+        let dir = dest.parent().expect("a blob path has a parent");
+        create_dirs(dir, self.fsync)?;
         match fs::rename(tmp, dest) {
             Err(e) if fs::symlink_metadata(dest).is_ok() => {
                 let _ = fs::remove_dir_all(tmp).or_else(|_| fs::remove_file(tmp));
                 tracing::debug!("{} already published ({e})", dest.display());
-                Ok(())
             }
-            other => other,
+            other => other?,
         }
+        // Whoever published it, the name is durable before the write is acknowledged.
+        if self.fsync { sync_dir(dir) } else { Ok(()) }
     }
 }
 
@@ -920,6 +961,9 @@ impl BlobStore for FsBlobs {
                     for (i, p) in many.iter().enumerate() {
                         fs::rename(p, tmp.join(format!("{i:08}")))?;
                     }
+                    if self.fsync {
+                        sync_dir(&tmp)?;
+                    }
                     self.publish(&tmp, &dest)
                 })();
                 if let Err(e) = result {
@@ -1064,7 +1108,7 @@ mod tests {
     fn key_locks_are_exclusive_and_recover_from_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("k=");
-        let held = KeyLock::acquire(&key).unwrap();
+        let held = KeyLock::acquire(&key, false).unwrap();
         let lock_file = dir.path().join(".lock-k=");
         assert!(lock_file.exists());
         // Another holder waits until the first lets go.
@@ -1072,7 +1116,7 @@ mod tests {
             let key = key.clone();
             move || {
                 let start = std::time::Instant::now();
-                let _l = KeyLock::acquire(&key).unwrap();
+                let _l = KeyLock::acquire(&key, false).unwrap();
                 start.elapsed()
             }
         });
@@ -1085,7 +1129,7 @@ mod tests {
         f.set_modified(SystemTime::now() - LOCK_STALE * 2).unwrap();
         drop(f);
         let start = std::time::Instant::now();
-        drop(KeyLock::acquire(&key).unwrap());
+        drop(KeyLock::acquire(&key, false).unwrap());
         assert!(start.elapsed() < LOCK_WAIT);
         assert!(!lock_file.exists());
     }
