@@ -33,7 +33,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Collect garbage once, online (`dockside serve` may run meanwhile, on the same stores):
     /// stale uploads, tags beyond the retention rules, unreachable manifests (with `untagged`),
-    /// blob links and blobs nothing references. Takes `serve`'s store options; prints what it
+    /// blob links and blobs nothing references. Takes `serve`'s store options (and the same environment variables); prints what it
     /// removed (JSON). Resumes a run that was interrupted.
     Gc(Box<GcArgs>),
     /// Print a password hash for `[[auth.users]] password_hash`, reading the password from
@@ -81,7 +81,57 @@ struct GcArgs {
     #[arg(long)]
     dry_run: bool,
     #[command(flatten)]
-    serve: ServeArgs,
+    store: StoreArgs,
+    #[command(flatten)]
+    collect: CollectArgs,
+}
+
+/// Where the registry stores: shared by `serve` and `gc`.
+#[derive(Args)]
+struct StoreArgs {
+    /// Directory to store everything in (created if missing), unless --kv and --blobs say
+    /// otherwise.
+    #[arg(long, env = "DOCKSIDE_DATA", default_value = "./dockside-data")]
+    data: PathBuf,
+
+    /// Key-value store (tags, links, manifests, upload sessions): a directory, or a Valkey/Redis
+    /// server, `redis://[user:password@]host[:port][/db]`, which several instances may share.
+    /// Default: <DATA>/kv.
+    #[arg(long, env = "DOCKSIDE_KV", value_name = "DIR|redis://...")]
+    kv: Option<String>,
+
+    /// Namespace of every key in Valkey/Redis, so that several registries can share a server.
+    #[arg(long, env = "DOCKSIDE_KV_PREFIX", default_value = dockside::hosts::redis::DEFAULT_PREFIX)]
+    kv_prefix: String,
+
+    /// Blob store: a directory, or an S3 bucket,
+    /// `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&style=path|virtual][&part_size=BYTES]`,
+    /// which several instances may share. Credentials from DOCKSIDE_S3_ACCESS_KEY and
+    /// DOCKSIDE_S3_SECRET_KEY, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    /// Default: <DATA>.
+    #[arg(long, env = "DOCKSIDE_BLOBS", value_name = "DIR|s3://...")]
+    blobs: Option<String>,
+
+    /// Do not fsync writes. Faster uploads (see docs/PERFORMANCE.md), but a crash of the
+    /// machine (power loss, kernel panic) may then lose recent pushes or corrupt blobs that
+    /// were acknowledged; a crash of the process alone loses nothing either way.
+    #[arg(long, env = "DOCKSIDE_NO_FSYNC")]
+    no_fsync: bool,
+}
+
+/// What collection keeps and removes: shared by `serve` and `gc`.
+#[derive(Args)]
+struct CollectArgs {
+    /// Cancel upload sessions older than this many seconds, freeing their space (checked
+    /// periodically); they stop counting towards --max-uploads then. 0 keeps them forever
+    /// (they then count for a day).
+    #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
+    upload_expiry_secs: u64,
+
+    /// Garbage collection settings (TOML): grace_secs (default 3600), untagged (false),
+    /// step_items, [[retention]] rules. See README, "Garbage collection".
+    #[arg(long, env = "DOCKSIDE_GC_CONFIG_FILE", value_name = "FILE")]
+    gc_config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -133,28 +183,8 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
-    /// Directory to store everything in (created if missing), unless --kv and --blobs say
-    /// otherwise.
-    #[arg(long, env = "DOCKSIDE_DATA", default_value = "./dockside-data")]
-    data: PathBuf,
-
-    /// Key-value store (tags, links, manifests, upload sessions): a directory, or a Valkey/Redis
-    /// server, `redis://[user:password@]host[:port][/db]`, which several instances may share.
-    /// Default: <DATA>/kv.
-    #[arg(long, env = "DOCKSIDE_KV", value_name = "DIR|redis://...")]
-    kv: Option<String>,
-
-    /// Namespace of every key in Valkey/Redis, so that several registries can share a server.
-    #[arg(long, env = "DOCKSIDE_KV_PREFIX", default_value = dockside::hosts::redis::DEFAULT_PREFIX)]
-    kv_prefix: String,
-
-    /// Blob store: a directory, or an S3 bucket,
-    /// `s3://BUCKET[/PREFIX]?endpoint=URL[&region=R][&style=path|virtual][&part_size=BYTES]`,
-    /// which several instances may share. Credentials from DOCKSIDE_S3_ACCESS_KEY and
-    /// DOCKSIDE_S3_SECRET_KEY, else AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
-    /// Default: <DATA>.
-    #[arg(long, env = "DOCKSIDE_BLOBS", value_name = "DIR|s3://...")]
-    blobs: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 
     /// Answer blob GETs with 307 to a presigned URL of the S3 store, valid this many seconds,
     /// so that the bytes do not pass through dockside (S3 blobs only). 0: off.
@@ -193,18 +223,6 @@ struct ServeArgs {
     #[arg(long, env = "DOCKSIDE_CHUNK_MIN_LENGTH")]
     chunk_min_length: Option<u64>,
 
-    /// Do not fsync writes. Faster uploads (see docs/PERFORMANCE.md), but a crash of the
-    /// machine (power loss, kernel panic) may then lose recent pushes or corrupt blobs that
-    /// were acknowledged; a crash of the process alone loses nothing either way.
-    #[arg(long, env = "DOCKSIDE_NO_FSYNC")]
-    no_fsync: bool,
-
-    /// Cancel upload sessions older than this many seconds, freeing their space (checked
-    /// periodically); they stop counting towards --max-uploads then. 0 keeps them forever
-    /// (they then count for a day).
-    #[arg(long, env = "DOCKSIDE_UPLOAD_EXPIRY_SECS", default_value_t = 24 * 3600)]
-    upload_expiry_secs: u64,
-
     /// Run garbage collection every this many seconds inside the server (0: never; then run
     /// `dockside gc`). See --gc-config for what it keeps.
     #[arg(
@@ -215,10 +233,8 @@ struct ServeArgs {
     )]
     gc_interval: u64,
 
-    /// Garbage collection settings (TOML): grace_secs (default 3600), untagged (false),
-    /// step_items, [[retention]] rules. See README, "Garbage collection".
-    #[arg(long, env = "DOCKSIDE_GC_CONFIG_FILE", value_name = "FILE")]
-    gc_config: Option<PathBuf>,
+    #[command(flatten)]
+    collect: CollectArgs,
 
     /// Configuration file (TOML) with an `[auth]` table: users, rules, token settings. Without
     /// one (and without DOCKSIDE_AUTH_CONFIG), anyone may pull and push. DOCKSIDE_AUTH_SECRET,
@@ -534,9 +550,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         trust_forwarded_for: args.trust_forwarded_for,
         max_uploads: args.max_uploads,
         max_uploads_per_repository: args.max_uploads_per_repository,
-        upload_expiry_secs: args.upload_expiry_secs,
+        upload_expiry_secs: args.collect.upload_expiry_secs,
         mirror: mirror_config(args.mirror_config.as_ref())?,
-        gc: gc_config(args.gc_config.as_ref())?,
+        gc: gc_config(args.collect.gc_config.as_ref())?,
         ..Config::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -544,8 +560,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async {
-        let kv = StoreSpec::kv(args.kv.as_deref(), &args.data)?;
-        let blobs = StoreSpec::blobs(args.blobs.as_deref(), &args.data)?;
+        let kv = StoreSpec::kv(args.store.kv.as_deref(), &args.store.data)?;
+        let blobs = StoreSpec::blobs(args.store.blobs.as_deref(), &args.store.data)?;
         let s3 = matches!(blobs, StoreSpec::S3(_));
         if args.blob_redirect > 0 && !s3 {
             return Err(format!(
@@ -559,8 +575,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             blob_redirect: secs(args.blob_redirect),
             ..config
         };
-        let fsync = !args.no_fsync;
-        let kv_store = open_kv(&kv, &args.kv_prefix, fsync).await?;
+        let fsync = !args.store.no_fsync;
+        let kv_store = open_kv(&kv, &args.store.kv_prefix, fsync).await?;
         let blob_store = open_blobs(&blobs, fsync).await?;
         let registry = server::registry(kv_store, blob_store, config, &limits)
             .map_err(|e| format!("cannot start the password checkers: {e}"))?;
@@ -599,7 +615,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         } else {
             format!(
                 "keys in {}, blobs in {}",
-                kv.describe_kv(&args.kv_prefix),
+                kv.describe_kv(&args.store.kv_prefix),
                 blobs.describe()
             )
         };
@@ -608,8 +624,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         if args.gc_interval > 0 {
             tokio::spawn(collect_garbage(registry.clone(), args.gc_interval));
         }
-        if args.upload_expiry_secs > 0 || args.login_window_secs > 0 {
-            tokio::spawn(purge_uploads(registry.clone(), args.upload_expiry_secs));
+        if args.collect.upload_expiry_secs > 0 || args.login_window_secs > 0 {
+            tokio::spawn(purge_uploads(
+                registry.clone(),
+                args.collect.upload_expiry_secs,
+            ));
         }
         let ops = Ops {
             tls,
@@ -720,10 +739,10 @@ async fn open_blobs(spec: &StoreSpec, fsync: bool) -> Result<ServerBlobs, String
 
 /// `dockside gc`: one whole run (or a dry run) on the stores `serve` would open.
 fn gc(args: GcArgs) -> Result<(), String> {
-    let a = args.serve;
+    let a = args.store;
     let config = Config {
-        upload_expiry_secs: a.upload_expiry_secs,
-        gc: gc_config(a.gc_config.as_ref())?,
+        upload_expiry_secs: args.collect.upload_expiry_secs,
+        gc: gc_config(args.collect.gc_config.as_ref())?,
         ..Config::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -59,3 +59,33 @@ fn completions_and_manual_page() {
     let page = String::from_utf8(out.stdout).unwrap();
     assert!(page.contains(".TH dockside 1") && page.contains("healthcheck"));
 }
+
+/// `dockside gc` takes the store and collection options it uses, not the server's: its help
+/// lists them, and a server flag is refused rather than silently ignored.
+#[test]
+fn gc_takes_store_options_only() {
+    let out = dockside(&["gc", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--dry-run",
+        "--data",
+        "--kv",
+        "--blobs",
+        "--gc-config",
+        "--upload-expiry-secs",
+    ] {
+        assert!(help.contains(flag), "gc --help lacks {flag}:\n{help}");
+    }
+    for flag in [
+        "--listen",
+        "--tls-cert",
+        "--max-connections",
+        "--gc-interval",
+    ] {
+        assert!(!help.contains(flag), "gc --help lists {flag}:\n{help}");
+    }
+    let out = dockside(&["gc", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+}
