@@ -637,19 +637,22 @@ impl KeyLock {
                 .create_new(true)
                 .open(&lock)
             {
-                Ok(_) => return Ok(KeyLock(lock)),
+                Ok(mut f) => {
+                    // Who holds it, so that a lock left by a killed process on this machine
+                    // is taken over at once instead of after LOCK_STALE (see `holder_is_gone`).
+                    if let Some(owner) = lock_owner() {
+                        let _ = f.write_all(owner.as_bytes());
+                    }
+                    return Ok(KeyLock(lock));
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => create_dirs(dir, fsync)?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let stale = fs::metadata(&lock)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| SystemTime::now().duration_since(t).ok())
-                        .is_some_and(|age| age > LOCK_STALE);
-                    if stale {
-                        // Left by a crashed holder. Of several waiters that see it stale, one
-                        // removes it and the others find it gone or fresh on their next try.
+                    if let Some(seen) = LockSeen::read(&lock)
+                        && seen.is_stale()
+                    {
+                        // Left by a crashed holder: removed, if it is still the one judged.
                         tracing::warn!(lock = %lock.display(), "removing a stale key lock");
-                        let _ = fs::remove_file(&lock);
+                        seen.remove(&lock);
                         continue;
                     }
                     if start.elapsed() > LOCK_WAIT {
@@ -665,6 +668,73 @@ impl KeyLock {
             }
         }
     }
+}
+
+/// A lock file as a waiter saw it: its owner (if named) and modification time.
+#[derive(PartialEq)]
+struct LockSeen {
+    owner: Vec<u8>,
+    modified: SystemTime,
+}
+
+impl LockSeen {
+    fn read(lock: &Path) -> Option<LockSeen> {
+        let modified = fs::metadata(lock).and_then(|m| m.modified()).ok()?;
+        let owner = fs::read(lock).ok()?;
+        Some(LockSeen { owner, modified })
+    }
+
+    fn is_stale(&self) -> bool {
+        holder_is_gone(&self.owner)
+            || SystemTime::now()
+                .duration_since(self.modified)
+                .is_ok_and(|age| age > LOCK_STALE)
+    }
+
+    /// Removes `lock` if it is still this one. Two waiters may judge the same stale lock; if
+    /// the first removed it and took the lock anew before the second acts, a plain remove by
+    /// the second would delete a live lock, and both would hold it. So the lock is first
+    /// moved aside (atomic), checked, and put back (a link, which never replaces a file) if
+    /// it turns out to be another.
+    fn remove(&self, lock: &Path) {
+        let aside = lock.with_file_name(format!(".stale-{}", nonce()));
+        if fs::rename(lock, &aside).is_err() {
+            return; // gone already
+        }
+        if LockSeen::read(&aside).as_ref() != Some(self) && fs::hard_link(&aside, lock).is_err() {
+            tracing::warn!(lock = %lock.display(), "a live key lock was moved and could not be restored");
+        }
+        let _ = fs::remove_file(&aside);
+    }
+}
+
+/// `<pid> <boot id>` of this process on Linux: what a lock file holds. `None` elsewhere (and
+/// in wasm, which has neither): such locks go stale by age only.
+fn lock_owner() -> Option<String> {
+    if cfg!(target_family = "wasm") {
+        return None;
+    }
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(format!("{} {}", std::process::id(), boot.trim()))
+}
+
+/// Whether a lock file's `owner` names a holder that has exited: a process of this machine since its
+/// last boot (same boot id; another machine sharing the directory has another) whose
+/// `/proc/<pid>` is gone. A reused pid only delays the takeover to LOCK_STALE.
+fn holder_is_gone(owner: &[u8]) -> bool {
+    let Some(ours) = lock_owner() else {
+        return false;
+    };
+    let Ok(theirs) = std::str::from_utf8(owner) else {
+        return false;
+    };
+    let (Some((pid, boot)), Some((_, our_boot))) = (theirs.split_once(' '), ours.split_once(' '))
+    else {
+        return false; // being written, or by an instance that names no owner
+    };
+    boot == our_boot
+        && pid.parse::<u32>().is_ok()
+        && matches!(fs::metadata(format!("/proc/{pid}")), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
 impl Drop for KeyLock {
@@ -1131,6 +1201,36 @@ mod tests {
         let start = std::time::Instant::now();
         drop(KeyLock::acquire(&key, false).unwrap());
         assert!(start.elapsed() < LOCK_WAIT);
+        assert!(!lock_file.exists());
+        // Left a moment ago by a process of this machine that has exited (killed mid-CAS):
+        // taken over at once, not after LOCK_STALE.
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let pid = dead.id();
+        dead.wait().unwrap();
+        let owner = lock_owner().expect("Linux names lock owners");
+        let boot = owner.split_once(' ').unwrap().1;
+        fs::write(&lock_file, format!("{pid} {boot}")).unwrap();
+        let start = std::time::Instant::now();
+        drop(KeyLock::acquire(&key, false).unwrap());
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // Held by a live process (this one): waited for, not taken.
+        assert!(!holder_is_gone(owner.as_bytes()));
+        // Of another machine (another boot id): only age makes it stale.
+        assert!(!holder_is_gone(format!("{pid} not-this-boot").as_bytes()));
+        // A stale lock judged by two waiters: the first removed it and took the lock anew;
+        // the second, acting on what it saw, leaves the new one in place.
+        fs::write(&lock_file, format!("{pid} {boot}")).unwrap();
+        let seen = LockSeen::read(&lock_file).unwrap();
+        assert!(seen.is_stale());
+        seen.remove(&lock_file);
+        let live = KeyLock::acquire(&key, false).unwrap();
+        seen.remove(&lock_file);
+        assert_eq!(fs::read_to_string(&lock_file).unwrap(), owner);
+        drop(live);
         assert!(!lock_file.exists());
     }
 
