@@ -494,7 +494,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 .set(&layout::tag(name, t), digest_s.as_bytes())
                 .await?;
         }
-        self.ensure_repository(name).await?;
+        // Likewise the catalog entry, written and not only ensured: a repository whose first
+        // push failed between its catalog write and the index update is listed again by the
+        // next manifest push.
+        self.kv.set(&layout::catalog(name), b"").await?;
 
         let mut headers = vec![
             ("location", format!("/v2/{name}/manifests/{digest}")),
