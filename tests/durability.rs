@@ -1,6 +1,8 @@
-//! Crash durability of the directory host, checked on the system calls the server makes: the
-//! server runs under `strace -ff` while a client pushes an image (a monolithic blob, a chunked
-//! blob, a manifest by tag into a new repository), then the trace of every thread is read.
+//! Crash durability of the directory host, checked on the system calls the server makes:
+//! `strace -f -ff` attaches to every thread of a running server while a client pushes an image
+//! (a monolithic blob, a chunked blob, a manifest by tag into a new repository), then the
+//! trace of every thread is read. Needs strace: `cargo test --features syscalls --test
+//! durability` (`.ci/run` installs it).
 //!
 //! A file's bytes are durable once it is fsynced, but its *name* (the rename that publishes it,
 //! a directory created for it) only once the directory holding that name is fsynced too. So
