@@ -1490,3 +1490,129 @@ async fn mirror_through_spin() {
         .unwrap();
     assert_eq!(r.status(), 503, "{}", spin.component_stderr());
 }
+
+/// A mirror whose upstream's token realm is on another host (as Docker Hub's is:
+/// registry-1.docker.io challenges with a realm on auth.docker.io). The realm here is
+/// `http://localhost:<port>/token`, a forwarder to the upstream, while the upstream is reached as
+/// `http://127.0.0.1:<port>`: without the Spin variable `mirror_auth_host` Spin refuses the token
+/// request (a 500, and the component's log names the variable); with it the pull goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_token_realm_on_another_host_through_spin() {
+    let realm_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let realm_port = realm_listener.local_addr().unwrap().port();
+    let realm_origin = format!("http://localhost:{realm_port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(&auth, auth_toml()).unwrap();
+    let up = common::Server::builder()
+        .arg("--config")
+        .arg(&auth)
+        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
+        .env("DOCKSIDE_AUTH_REALM", format!("{realm_origin}/token"))
+        .start();
+    // The token service's host: every connection forwarded to the upstream.
+    let up_addr = up.addr();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = realm_listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut u) = tokio::net::TcpStream::connect(up_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    });
+    let http = common::client();
+    let base = up.base_url();
+    let layer = pseudo_random(300_000, 43);
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let (cd, ld) = (sha256_digest(&config), sha256_digest(&layer));
+    for (d, b) in [(&cd, &config), (&ld, &layer)] {
+        let r = http
+            .post(format!("{base}/v2/team/realm/blobs/uploads/?digest={d}"))
+            .basic_auth("alice", Some("alice-pw"))
+            .header("content-type", "application/octet-stream")
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    }))
+    .unwrap();
+    let r = http
+        .put(format!("{base}/v2/team/realm/manifests/v1"))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The challenge names the other host.
+    let r = http
+        .get(format!("{base}/v2/team/realm/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.contains(&realm_origin), "{challenge}");
+
+    let mirror_config = format!(
+        "[[upstream]]\nurl = \"{base}\"\nprefix = \"up/\"\nusername = \"alice\"\npassword = \"alice-pw\"\n"
+    );
+    let pull = |sb: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{sb}/v2/up/team/realm/manifests/v1"))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    {
+        let spin = Spin::start(
+            Store::Sqlite,
+            &[
+                ("mirror_config", mirror_config.clone()),
+                ("mirror_upstream", base.clone()),
+            ],
+        )
+        .await;
+        let r = pull(spin.base()).await;
+        assert_eq!(r.status(), 500, "{}", spin.component_stderr());
+        let log = spin.component_stderr();
+        assert!(
+            log.contains(&format!("localhost:{realm_port}")) && log.contains("mirror_auth_host"),
+            "the component's log names the refused host and the variable: {log}"
+        );
+    }
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            ("mirror_config", mirror_config),
+            ("mirror_upstream", base.clone()),
+            ("mirror_auth_host", realm_origin.clone()),
+        ],
+    )
+    .await;
+    let r = pull(spin.base()).await;
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    let r = http
+        .get(format!("{}/v2/up/team/realm/blobs/{ld}", spin.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), ld);
+    assert!(
+        up.log_lines().iter().any(|l| l.contains("GET /token 200")),
+        "a token from the realm on the other host"
+    );
+}
