@@ -17,6 +17,8 @@
 mod common;
 #[path = "backends/garage.rs"]
 mod garage;
+#[path = "common/gate.rs"]
+mod gate;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -1615,4 +1617,72 @@ async fn mirror_token_realm_on_another_host_through_spin() {
         up.log_lines().iter().any(|l| l.contains("GET /token 200")),
         "a token from the realm on the other host"
     );
+}
+
+/// A cold blob streams through the Spin component while it is fetched (its body polls the
+/// request's future, which feeds it): the upstream, a `dockside serve` behind a gate, is held
+/// at 4 MiB of 24 while the client must already have 1 MiB; then the whole blob, byte for
+/// byte, fetched once, and served again from Spin's key-value store.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_streams_a_cold_blob_through_spin() {
+    let up = common::Server::start();
+    let http = common::client();
+    let len = 24 * 1024 * 1024;
+    let data = pseudo_random(len, 79);
+    let d = sha256_digest(&data);
+    let r = http
+        .post(up.url(&format!("/v2/library/big/blobs/uploads/?digest={d}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let budget = 4 * 1024 * 1024;
+    let (gate_url, gate) = gate::gate(up.addr(), budget).await;
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            (
+                "mirror_config",
+                format!("[[upstream]]\nurl = \"{gate_url}\"\n"),
+            ),
+            ("mirror_upstream", gate_url.clone()),
+        ],
+    )
+    .await;
+    let url = format!("{}/v2/library/big/blobs/{d}", spin.base());
+    let mut r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    let mut h = Sha256::new();
+    let mut got = 0;
+    while got < 1024 * 1024 {
+        let c = tokio::time::timeout(Duration::from_secs(60), r.chunk())
+            .await
+            .expect("bytes while the upstream is held")
+            .unwrap()
+            .expect("not the end yet");
+        got += c.len();
+        h.update(&c);
+    }
+    let sent = gate.sent();
+    assert!(
+        sent <= budget && sent < len as u64,
+        "the client has {got} bytes while the upstream sent {sent} of {len}"
+    );
+    gate.open();
+    while let Some(c) = r.chunk().await.unwrap() {
+        got += c.len();
+        h.update(&c);
+    }
+    assert_eq!(got, len);
+    assert_eq!(sha256_finish(h), d);
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(again.status(), 200, "{}", spin.component_stderr());
+    assert!(again.bytes().await.unwrap() == data);
+    let count = up
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains(&format!("GET /v2/library/big/blobs/{d} 200")))
+        .count();
+    assert_eq!(count, 1);
 }
