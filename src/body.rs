@@ -23,6 +23,8 @@ enum Kind<R> {
     Empty,
     Full(Option<Bytes>),
     Stream(R),
+    /// A mirrored blob streaming while it is fetched (`crate::mirror::EarlyResponse`).
+    Pipe(crate::mirror::PipeBody),
 }
 
 impl<R> Body<R> {
@@ -45,6 +47,13 @@ impl<R> Body<R> {
             kind: Kind::Stream(r),
         }
     }
+
+    /// The body of an early response (`crate::mirror::EarlyResponse`).
+    pub fn pipe(p: crate::mirror::PipeBody) -> Self {
+        Body {
+            kind: Kind::Pipe(p),
+        }
+    }
 }
 
 impl<R> http_body::Body for Body<R>
@@ -62,6 +71,7 @@ where
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::Stream(r) => Pin::new(r).poll_frame(cx),
+            Kind::Pipe(p) => Pin::new(p).poll_frame(cx),
         }
     }
 
@@ -70,6 +80,7 @@ where
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Stream(r) => r.is_end_stream(),
+            Kind::Pipe(_) => false,
         }
     }
 
@@ -78,6 +89,7 @@ where
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream(r) => r.size_hint(),
+            Kind::Pipe(p) => http_body::Body::size_hint(p),
         }
     }
 }

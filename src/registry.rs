@@ -383,7 +383,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         };
         let sub = caller.subject();
         if let Some(mirror) = &self.config.mirror
-            && let Some(r) = self.mirror_route(mirror, &route, m, &q, h).await
+            && let Some(r) = self
+                .mirror_route(mirror, &route, m, &q, h, parts.extensions.get())
+                .await
         {
             return r;
         }
@@ -537,6 +539,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         m: &Method,
         q: &Query,
         h: &http::HeaderMap,
+        early: Option<&crate::mirror::EarlyResponse>,
     ) -> Option<Result<RegistryResponse<B>>> {
         let max = self.config.max_name_length;
         let target = |name: &RepoName| mirror.target(name, q.get("ns"), max);
@@ -549,7 +552,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
             Route::Blob(name, digest) if pull => {
                 let t = target(name)?;
-                Some(self.mirror_blob(&t, digest, h, head).await)
+                Some(self.mirror_blob(&t, digest, h, head, early).await)
             }
             Route::Manifest(name, _)
             | Route::Blob(name, _)

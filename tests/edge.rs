@@ -8,6 +8,8 @@
 #![cfg(feature = "edge")]
 
 mod common;
+#[path = "common/gate.rs"]
+mod gate;
 // Garage, for the component's S3 blob store (installed by .ci/garage, which .ci/edge sources).
 #[path = "backends/garage.rs"]
 mod garage;
@@ -780,4 +782,117 @@ async fn mirror_through_the_wasi_component() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+}
+
+/// A cold blob streams through the wasi:http component while it is fetched (the component
+/// sends the core's early response while the request's future still runs): the upstream, a
+/// `dockside serve` behind a gate, is held at 4 MiB of 32 while the client must already have
+/// 1 MiB; then the whole blob, byte for byte, fetched once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_streams_a_cold_blob_through_the_wasi_component() {
+    use sha2::Digest as _;
+    let up = common::Server::start();
+    let http = common::client();
+    let len = 32 * 1024 * 1024;
+    let data = pseudo_random(len, 78);
+    let d = sha256(&data);
+    let r = http
+        .post(up.url(&format!("/v2/library/big/blobs/uploads/?digest={d}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let budget = 4 * 1024 * 1024;
+    let (gate_url, gate) = gate::gate(up.addr(), budget).await;
+    let config = format!("[[upstream]]\nurl = \"{gate_url}\"\n");
+    let w = serve_with(&[("DOCKSIDE_MIRROR_CONFIG", config)], |_| {});
+    let url = format!("http://{}/v2/library/big/blobs/{d}", w.addr);
+    let mut r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut h = sha2::Sha256::new();
+    let mut got = 0;
+    while got < 1024 * 1024 {
+        let c = tokio::time::timeout(Duration::from_secs(60), r.chunk())
+            .await
+            .expect("bytes while the upstream is held")
+            .unwrap()
+            .expect("not the end yet");
+        got += c.len();
+        h.update(&c);
+    }
+    let sent = gate.sent();
+    assert!(
+        sent <= budget && sent < len as u64,
+        "the client has {got} bytes while the upstream sent {sent} of {len}"
+    );
+    gate.open();
+    while let Some(c) = r.chunk().await.unwrap() {
+        got += c.len();
+        h.update(&c);
+    }
+    assert_eq!(got, len);
+    assert_eq!(common::sha256_finish(h), d);
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.bytes().await.unwrap() == data);
+    let count = up
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains(&format!("GET /v2/library/big/blobs/{d} 200")))
+        .count();
+    assert_eq!(count, 1);
+
+    // A corrupted blob: the streaming client's transfer fails, and it is never cached.
+    let (bad, bad_len) = seed_corrupted(&http, &up, "library/bad").await;
+    let url = format!("http://{}/v2/library/bad/blobs/{bad}", w.addr);
+    assert_streamed_transfer_fails(&http, &url, bad_len).await;
+}
+
+/// Seeds a blob upstream, then corrupts one byte near its end in the upstream's own store:
+/// the digest the mirror is asked for no longer matches what the upstream sends.
+async fn seed_corrupted(
+    http: &reqwest::Client,
+    up: &common::Server,
+    repo: &str,
+) -> (String, usize) {
+    let len = 3 * 1024 * 1024 + 11;
+    let data = pseudo_random(len, 80);
+    let d = sha256(&data);
+    let r = http
+        .post(up.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let hex = d.trim_start_matches("sha256:");
+    let path = up
+        .data_dir()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    let mut bad = std::fs::read(&path).unwrap();
+    bad[len - 50] ^= 0xff;
+    std::fs::write(&path, &bad).unwrap();
+    (d, len)
+}
+
+/// GETs `url` twice: each time a 200 whose body then fails short of `len` bytes (never a clean
+/// end with wrong bytes), so nothing was cached in between.
+async fn assert_streamed_transfer_fails(http: &reqwest::Client, url: &str, len: usize) {
+    for _ in 0..2 {
+        let mut r = http.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let mut got = 0;
+        let failed = loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(
+            failed && got < len,
+            "{got} of {len} bytes, failed: {failed}"
+        );
+    }
 }

@@ -507,8 +507,17 @@ async fn corrupted_upstream_blob_is_refused_and_never_stored() {
     let config = format!("[[upstream]]\nurl = \"{}\"\n", up.base_url());
     let mirror = start_mirror(&config, tmp.path(), None);
     let mb = mirror.base_url();
+    // With a `Range`, a cold blob is fetched whole before the answer (as on adapters that
+    // offer no early response): the verification failure is a 502. Without one the native
+    // server streams, and the transfer aborts instead (tests/mirror_stream.rs).
     for _ in 0..2 {
-        let (s, _, _, body) = get(&http, &mb, &format!("/v2/library/bad/blobs/{d}"), &[]).await;
+        let (s, _, _, body) = get(
+            &http,
+            &mb,
+            &format!("/v2/library/bad/blobs/{d}"),
+            &[("range", "bytes=0-")],
+        )
+        .await;
         assert_eq!(
             s,
             StatusCode::BAD_GATEWAY,

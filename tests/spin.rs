@@ -17,6 +17,8 @@
 mod common;
 #[path = "backends/garage.rs"]
 mod garage;
+#[path = "common/gate.rs"]
+mod gate;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -1489,4 +1491,251 @@ async fn mirror_through_spin() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503, "{}", spin.component_stderr());
+}
+
+/// A mirror whose upstream's token realm is on another host (as Docker Hub's is:
+/// registry-1.docker.io challenges with a realm on auth.docker.io). The realm here is
+/// `http://localhost:<port>/token`, a forwarder to the upstream, while the upstream is reached as
+/// `http://127.0.0.1:<port>`: without the Spin variable `mirror_auth_host` Spin refuses the token
+/// request (a 500, and the component's log names the variable); with it the pull goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_token_realm_on_another_host_through_spin() {
+    let realm_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let realm_port = realm_listener.local_addr().unwrap().port();
+    let realm_origin = format!("http://localhost:{realm_port}");
+    let tmp = tempfile::tempdir().unwrap();
+    let auth = tmp.path().join("auth.toml");
+    std::fs::write(&auth, auth_toml()).unwrap();
+    let up = common::Server::builder()
+        .arg("--config")
+        .arg(&auth)
+        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
+        .env("DOCKSIDE_AUTH_REALM", format!("{realm_origin}/token"))
+        .start();
+    // The token service's host: every connection forwarded to the upstream.
+    let up_addr = up.addr();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = realm_listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut u) = tokio::net::TcpStream::connect(up_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+            });
+        }
+    });
+    let http = common::client();
+    let base = up.base_url();
+    let layer = pseudo_random(300_000, 43);
+    let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+    let (cd, ld) = (sha256_digest(&config), sha256_digest(&layer));
+    for (d, b) in [(&cd, &config), (&ld, &layer)] {
+        let r = http
+            .post(format!("{base}/v2/team/realm/blobs/uploads/?digest={d}"))
+            .basic_auth("alice", Some("alice-pw"))
+            .header("content-type", "application/octet-stream")
+            .body(b.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    }))
+    .unwrap();
+    let r = http
+        .put(format!("{base}/v2/team/realm/manifests/v1"))
+        .basic_auth("alice", Some("alice-pw"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The challenge names the other host.
+    let r = http
+        .get(format!("{base}/v2/team/realm/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.contains(&realm_origin), "{challenge}");
+
+    let mirror_config = format!(
+        "[[upstream]]\nurl = \"{base}\"\nprefix = \"up/\"\nusername = \"alice\"\npassword = \"alice-pw\"\n"
+    );
+    let pull = |sb: String| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{sb}/v2/up/team/realm/manifests/v1"))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    {
+        let spin = Spin::start(
+            Store::Sqlite,
+            &[
+                ("mirror_config", mirror_config.clone()),
+                ("mirror_upstream", base.clone()),
+            ],
+        )
+        .await;
+        let r = pull(spin.base()).await;
+        assert_eq!(r.status(), 500, "{}", spin.component_stderr());
+        let log = spin.component_stderr();
+        assert!(
+            log.contains(&format!("localhost:{realm_port}")) && log.contains("mirror_auth_host"),
+            "the component's log names the refused host and the variable: {log}"
+        );
+    }
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            ("mirror_config", mirror_config),
+            ("mirror_upstream", base.clone()),
+            ("mirror_auth_host", realm_origin.clone()),
+        ],
+    )
+    .await;
+    let r = pull(spin.base()).await;
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    let r = http
+        .get(format!("{}/v2/up/team/realm/blobs/{ld}", spin.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), ld);
+    assert!(
+        up.log_lines().iter().any(|l| l.contains("GET /token 200")),
+        "a token from the realm on the other host"
+    );
+}
+
+/// A cold blob streams through the Spin component while it is fetched (its body polls the
+/// request's future, which feeds it): the upstream, a `dockside serve` behind a gate, is held
+/// at 4 MiB of 24 while the client must already have 1 MiB; then the whole blob, byte for
+/// byte, fetched once, and served again from Spin's key-value store.
+#[tokio::test(flavor = "multi_thread")]
+async fn mirror_streams_a_cold_blob_through_spin() {
+    let up = common::Server::start();
+    let http = common::client();
+    let len = 24 * 1024 * 1024;
+    let data = pseudo_random(len, 79);
+    let d = sha256_digest(&data);
+    let r = http
+        .post(up.url(&format!("/v2/library/big/blobs/uploads/?digest={d}")))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let budget = 4 * 1024 * 1024;
+    let (gate_url, gate) = gate::gate(up.addr(), budget).await;
+    let spin = Spin::start(
+        Store::Sqlite,
+        &[
+            (
+                "mirror_config",
+                format!("[[upstream]]\nurl = \"{gate_url}\"\n"),
+            ),
+            ("mirror_upstream", gate_url.clone()),
+        ],
+    )
+    .await;
+    let url = format!("{}/v2/library/big/blobs/{d}", spin.base());
+    let mut r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", spin.component_stderr());
+    let mut h = Sha256::new();
+    let mut got = 0;
+    while got < 1024 * 1024 {
+        let c = tokio::time::timeout(Duration::from_secs(60), r.chunk())
+            .await
+            .expect("bytes while the upstream is held")
+            .unwrap()
+            .expect("not the end yet");
+        got += c.len();
+        h.update(&c);
+    }
+    let sent = gate.sent();
+    assert!(
+        sent <= budget && sent < len as u64,
+        "the client has {got} bytes while the upstream sent {sent} of {len}"
+    );
+    gate.open();
+    while let Some(c) = r.chunk().await.unwrap() {
+        got += c.len();
+        h.update(&c);
+    }
+    assert_eq!(got, len);
+    assert_eq!(sha256_finish(h), d);
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(again.status(), 200, "{}", spin.component_stderr());
+    assert!(again.bytes().await.unwrap() == data);
+    let count = up
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains(&format!("GET /v2/library/big/blobs/{d} 200")))
+        .count();
+    assert_eq!(count, 1);
+
+    // A corrupted blob: the streaming client's transfer fails, and it is never cached.
+    let (bad, bad_len) = seed_corrupted(&http, &up, "library/bad").await;
+    let url = format!("{}/v2/library/bad/blobs/{bad}", spin.base());
+    assert_streamed_transfer_fails(&http, &url, bad_len).await;
+}
+
+/// Seeds a blob upstream, then corrupts one byte near its end in the upstream's own store:
+/// the digest the mirror is asked for no longer matches what the upstream sends.
+async fn seed_corrupted(
+    http: &reqwest::Client,
+    up: &common::Server,
+    repo: &str,
+) -> (String, usize) {
+    let len = 3 * 1024 * 1024 + 11;
+    let data = pseudo_random(len, 80);
+    let d = sha256_digest(&data);
+    let r = http
+        .post(up.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let hex = d.trim_start_matches("sha256:");
+    let path = up
+        .data_dir()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    let mut bad = std::fs::read(&path).unwrap();
+    bad[len - 50] ^= 0xff;
+    std::fs::write(&path, &bad).unwrap();
+    (d, len)
+}
+
+/// GETs `url` twice: each time a 200 whose body then fails short of `len` bytes (never a clean
+/// end with wrong bytes), so nothing was cached in between.
+async fn assert_streamed_transfer_fails(http: &reqwest::Client, url: &str, len: usize) {
+    for _ in 0..2 {
+        let mut r = http.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let mut got = 0;
+        let failed = loop {
+            match r.chunk().await {
+                Ok(Some(c)) => got += c.len(),
+                Ok(None) => break false,
+                Err(_) => break true,
+            }
+        };
+        assert!(
+            failed && got < len,
+            "{got} of {len} bytes, failed: {failed}"
+        );
+    }
 }

@@ -704,12 +704,24 @@ where
         parts.extensions.insert(crate::ClientAddr(peer.ip()));
         let mut body = RequestBody::new(body, &parts.headers, &limits);
         body.counter = ByteCounter::new(metrics.as_ref().map(|m| m.bytes_in(class)));
+        // A mirrored blob is answered while the task still fetches it (`EarlyResponse`).
+        let (early_tx, mut early_rx) = tokio::sync::oneshot::channel();
+        parts
+            .extensions
+            .insert(crate::mirror::EarlyResponse::new(move |r| {
+                let _ = early_tx.send(r);
+            }));
         let req = hyper::Request::from_parts(parts, body);
         let span = tracing::info_span!("request", id = %id);
-        let task = tokio::spawn(handler(req).instrument(span));
+        let mut task = tokio::spawn(handler(req).instrument(span));
         let json_log = ops.json_log;
         async move {
-            let resp = task.await.unwrap_or_else(|e| {
+            let joined = tokio::select! {
+                biased;
+                Ok(early) = &mut early_rx => Ok(early.map(Body::pipe)),
+                r = &mut task => r,
+            };
+            let resp = joined.unwrap_or_else(|e| {
                 tracing::error!(request_id = %id, "request handler failed: {e}");
                 let mut resp = hyper::Response::new(Body::full(
                     r#"{"errors":[{"code":"UNKNOWN","message":"internal error"}]}"#,

@@ -27,7 +27,11 @@
 //! Spin runtime adds it to every request it hands over, after any a client sent.
 
 use std::cell::OnceCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 
 use http_body_util::Either;
 use spin_sdk::experimental::wasi::keyvalue::{atomics, batch, store as wasi_kv};
@@ -39,12 +43,16 @@ use crate::error::StoreError;
 use crate::host::{BlobStore, KeyValue, page_of};
 use crate::hosts::indexed::IndexedKv;
 use crate::hosts::kvblobs::KvReader;
+use crate::mirror::{EarlyResponse, PipeBody};
 use crate::observe::AccessRecord;
 use crate::{Body, Config, KvBlobs, Registry, S3Blobs, S3Config};
 
 type S3Reader = <S3Blobs<SpinClient> as BlobStore>::Reader;
 /// The core's response over either blob store.
-type Response = http::Response<Either<Body<KvReader<SpinKv>>, Body<S3Reader>>>;
+type CoreResponse = http::Response<Either<Body<KvReader<SpinKv>>, Body<S3Reader>>>;
+/// What the component answers: the core's response, or a mirrored blob streaming while the
+/// request's future still fetches it ([`Driven`]).
+type Response = http::Response<Either<Either<Body<KvReader<SpinKv>>, Body<S3Reader>>, Driven>>;
 
 #[spin_sdk::http_service]
 async fn handle(req: Request) -> impl IntoResponse {
@@ -108,22 +116,81 @@ async fn respond(mut req: Request) -> Response {
     }
     // Keys through listing indexes (Spin lists every key of the store, chunks included).
     let keys = IndexedKv(store.clone());
-    match blobs {
-        Some(s3) => Registry::new(keys, s3, config)
-            .handle(req)
-            .await
-            .map(Either::Right),
+    // A cold mirrored blob streams while it is fetched: the core hands an early response over
+    // (`mirror::EarlyResponse`), and its body keeps polling the request's future, which feeds it.
+    let slot: Arc<Mutex<Option<http::Response<PipeBody>>>> = Arc::default();
+    let put = slot.clone();
+    req.extensions_mut().insert(EarlyResponse::new(move |r| {
+        *put.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+    }));
+    let mut handling: Pin<Box<dyn Future<Output = CoreResponse>>> = match blobs {
+        Some(s3) => Box::pin(async move {
+            Registry::new(keys, s3, config)
+                .handle(req)
+                .await
+                .map(Either::Right)
+        }),
         None => {
             let chunk = match chunk_bytes().await {
                 Ok(c) => c,
                 Err(msg) => return plain_error(format!("invalid configuration: {msg}")),
             };
             // Chunks straight into the store, never listed.
-            Registry::new(keys, KvBlobs::with_chunk_size(store, chunk), config)
-                .handle(req)
-                .await
-                .map(Either::Left)
+            Box::pin(async move {
+                Registry::new(keys, KvBlobs::with_chunk_size(store, chunk), config)
+                    .handle(req)
+                    .await
+                    .map(Either::Left)
+            })
         }
+    };
+    let take = || slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let first = std::future::poll_fn(|cx| {
+        let done = handling.as_mut().poll(cx);
+        if let Some(early) = take() {
+            return Poll::Ready(Err((early, done.is_ready())));
+        }
+        done.map(Ok)
+    })
+    .await;
+    match first {
+        Ok(resp) => resp.map(Either::Left),
+        Err((early, done)) => early.map(|pipe| {
+            Either::Right(Driven {
+                pipe,
+                driver: (!done).then_some(handling),
+            })
+        }),
+    }
+}
+
+/// A mirrored blob's early body, which polls the request's future (feeding it) whenever it is
+/// polled: once the handler has returned, Spin keeps running only what the response body
+/// polls. Dropped (the client went away), the fetch is abandoned and its lease expires.
+struct Driven {
+    pipe: PipeBody,
+    driver: Option<Pin<Box<dyn Future<Output = CoreResponse>>>>,
+}
+
+impl http_body::Body for Driven {
+    type Data = bytes::Bytes;
+    type Error = StoreError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, StoreError>>> {
+        let this = self.get_mut();
+        if let Some(d) = &mut this.driver
+            && d.as_mut().poll(cx).is_ready()
+        {
+            this.driver = None;
+        }
+        Pin::new(&mut this.pipe).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.pipe.size_hint()
     }
 }
 
@@ -261,8 +328,8 @@ fn plain_error(message: String) -> Response {
     http::Response::builder()
         .status(500)
         .header("content-type", "application/json")
-        .body(Either::Left(Body::full(crate::Error::unknown_json(
-            message,
+        .body(Either::Left(Either::Left(Body::full(
+            crate::Error::unknown_json(message),
         ))))
         .expect("a valid response")
 }

@@ -10,7 +10,8 @@
 //! body's `size_hint` is exact when it has a `Content-Length`.
 //!
 //! Spin sends only to hosts the manifest's `allowed_outbound_hosts` allows (in `spin.toml`,
-//! the Spin variable `s3_endpoint`). A request to any other host fails with
+//! the Spin variables `s3_endpoint`, `mirror_upstream`, `mirror_auth_host`,
+//! `mirror_redirect_host`). A request to any other host fails with
 //! `HttpRequestDenied`; that is a configuration error, printed to the component's stderr (Spin's
 //! log) with what to set, and answered as a storage error (500).
 
@@ -97,7 +98,10 @@ fn error(target: &str, code: ErrorCode) -> StoreError {
             // error": say it where the operator looks.
             eprintln!(
                 "dockside: Spin refused {target}: the host is not in allowed_outbound_hosts. \
-                 Set the Spin variable s3_endpoint to the endpoint of the blobs URL."
+                 Set the Spin variable that names it: s3_endpoint (the endpoint of the blobs \
+                 URL), mirror_upstream (a mirror's upstream), mirror_auth_host (its token \
+                 realm, when on another host) or mirror_redirect_host (where it redirects blob \
+                 downloads)."
             );
             StoreError::new(format!("{msg} (not allowed by allowed_outbound_hosts)"))
         }

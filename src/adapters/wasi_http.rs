@@ -19,7 +19,9 @@
 //! of the client's address, so failed logins are counted per user name, unless a proxy in
 //! front sets `X-Forwarded-For` and `DOCKSIDE_TRUST_FORWARDED_FOR` says to believe it.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -33,6 +35,7 @@ use wasi::io::streams::{InputStream, OutputStream, StreamError};
 
 use super::wasi_http_client::WasiClient;
 use crate::error::StoreError;
+use crate::mirror::{EarlyResponse, PipeBody};
 use crate::observe::AccessRecord;
 use crate::{Config, DirRegistry, FsKv, Registry, S3Blobs, S3Config};
 
@@ -62,23 +65,93 @@ impl wasi::exports::http::incoming_handler::Guest for Component {
         );
         // The access record (route class, status, latency, bytes, failures): one JSON line on
         // stderr per request, the component's metrics.
-        let log = |record: AccessRecord<'_>| eprintln!("{}", record.to_json());
         let ms = || start.elapsed().as_secs_f64() * 1000.0;
+        let seen = Seen {
+            method: &method,
+            path: &path,
+            headers: &headers,
+            ms: &ms,
+        };
         rt::block_on(async move {
             match store {
-                Store::Dir(registry) => {
-                    let resp = registry.handle(req).await;
-                    log(AccessRecord::of(&method, &path, &headers, &resp, ms()));
-                    send(resp, out).await
-                }
-                Store::S3(registry) => {
-                    let resp = registry.handle(req).await;
-                    log(AccessRecord::of(&method, &path, &headers, &resp, ms()));
-                    send(resp, out).await
-                }
+                Store::Dir(registry) => respond(&registry, req, out, seen).await,
+                Store::S3(registry) => respond(&registry, req, out, seen).await,
             }
         });
     }
+}
+
+/// What the access record needs of the request.
+struct Seen<'a> {
+    method: &'a http::Method,
+    path: &'a str,
+    headers: &'a http::HeaderMap,
+    ms: &'a dyn Fn() -> f64,
+}
+
+impl Seen<'_> {
+    fn log<B>(&self, resp: &http::Response<B>) {
+        let record = AccessRecord::of(self.method, self.path, self.headers, resp, (self.ms)());
+        eprintln!("{}", record.to_json());
+    }
+}
+
+/// Answers `req`. A mirrored blob fetched for this request streams out while it is fetched:
+/// the core hands an early response over (`mirror::EarlyResponse`), which is sent at once
+/// while the request's future, still running, feeds its body; both are polled until done.
+async fn respond<K, B>(
+    registry: &Registry<K, B>,
+    mut req: http::Request<WasiBody>,
+    out: ResponseOutparam,
+    seen: Seen<'_>,
+) where
+    K: crate::KeyValue,
+    B: crate::BlobStore,
+{
+    type Slot = Arc<Mutex<Option<http::Response<PipeBody>>>>;
+    let slot: Slot = Arc::default();
+    let put = slot.clone();
+    req.extensions_mut().insert(EarlyResponse::new(move |r| {
+        *put.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+    }));
+    let take = || slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let mut handling = std::pin::pin!(registry.handle(req));
+    enum First<R> {
+        Done(R),
+        Early(http::Response<PipeBody>, bool),
+    }
+    let first = std::future::poll_fn(|cx| {
+        let done = handling.as_mut().poll(cx);
+        if let Some(early) = take() {
+            return Poll::Ready(First::Early(early, done.is_ready()));
+        }
+        done.map(First::Done)
+    })
+    .await;
+    let (early, mut handled) = match first {
+        First::Done(resp) => {
+            seen.log(&resp);
+            return send(resp, out).await;
+        }
+        First::Early(early, handled) => (early, handled),
+    };
+    seen.log(&early);
+    let mut sending = std::pin::pin!(send(early, out));
+    let mut sent = false;
+    std::future::poll_fn(|cx| {
+        if !handled && handling.as_mut().poll(cx).is_ready() {
+            handled = true;
+        }
+        if !sent && sending.as_mut().poll(cx).is_ready() {
+            sent = true;
+        }
+        if handled && sent {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// Where blobs go: the preopened directory, or an S3 bucket (`DOCKSIDE_BLOBS`). Keys are

@@ -12,6 +12,7 @@ use crate::host::{BlobStore, KeyValue, WriteError};
 use crate::layout;
 use crate::manifests::{DOCKER_LIST, DOCKER_MANIFEST, ManifestRef, OCI_INDEX, OCI_MANIFEST};
 use crate::mirror::Target;
+use crate::mirror::stream::{EarlyResponse, Finish, LeaseKeeper, PipeSender, Tee, pipe};
 use crate::mirror::upstream::{self, UpBody, header_of, read_small};
 use crate::names::{RepoName, Tag};
 use crate::registry::{Registry, RegistryResponse, Result, empty_response};
@@ -254,13 +255,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         self.ensure_repository(name).await
     }
 
-    /// `GET`/`HEAD` of a blob in a mirrored repository.
+    /// `GET`/`HEAD` of a blob in a mirrored repository. A `GET` of a blob not here yet, with
+    /// no `Range`, streams to the client while it is fetched when the adapter offers an
+    /// [`EarlyResponse`] (`stream`); otherwise the answer comes once the blob is stored.
     pub(crate) async fn mirror_blob(
         &self,
         t: &Target<'_>,
         digest_s: &str,
         headers: &HeaderMap,
         head: bool,
+        early: Option<&EarlyResponse>,
     ) -> Result<RegistryResponse<B>> {
         let name = &t.local;
         let Ok(digest) = Digest::parse(digest_s) else {
@@ -296,23 +300,47 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 ],
             ));
         }
-        let size = self.fetch_blob_once(t, &digest, &path).await?;
-        self.link_blob(name, &digest, size).await?;
+        // Ranges are served from the cache once the blob is whole (the issue: "Range requests
+        // served from the cache once it has the blob").
+        let stream = early
+            .filter(|_| !headers.contains_key(http::header::RANGE))
+            .map(|e| (e, crate::observe::request_id(headers)));
+        let (size, finish) = self.fetch_blob_once(t, &digest, &path, stream).await?;
+        let linked = self.link_blob(name, &digest, size).await;
+        if let Some(f) = finish {
+            match linked {
+                Ok(()) => f.finish().await,
+                Err(e) => f
+                    .pipe
+                    .abort(format!("linking {digest} failed: {}", e.message)),
+            }
+            // The client has its answer already; this one is dropped by the adapter.
+            return Ok(empty_response(StatusCode::OK, &[]));
+        }
+        linked?;
         self.get_blob(name, digest_s, headers, head).await
     }
 
     /// Gets `digest` into the store, fetching it at most once at a time across every instance
-    /// sharing the key-value store: the fetcher holds a lease key (compare-and-swap), the others
-    /// poll until the blob appears or the lease is released or expires (then one of them takes
-    /// over). Returns the blob's size.
-    async fn fetch_blob_once(&self, t: &Target<'_>, digest: &Digest, path: &str) -> Result<u64> {
+    /// sharing the key-value store: the fetcher holds a lease key (compare-and-swap, renewed
+    /// while it fetches), the others poll until the blob appears or the lease is released or
+    /// expires (then one of them takes over). Returns the blob's size, and, when this fetch
+    /// streamed to its client, what is left to send it.
+    async fn fetch_blob_once(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        path: &str,
+        stream: Option<(&EarlyResponse, String)>,
+    ) -> Result<(u64, Option<Finish>)> {
         let lease_secs = self.config.mirror.as_ref().map_or(120, |m| m.lease_secs);
         let key = layout::mirror_lease(digest);
         let data = layout::blob_data(digest);
         let me = nonce()?;
+        let mut stream = stream;
         loop {
             if let Some(size) = self.blobs.size(&data).await? {
-                return Ok(size);
+                return Ok((size, None));
             }
             let now = crate::auth::now_secs();
             let current = self.kv.get(&key).await?;
@@ -321,17 +349,22 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 Some(v) => serde_json::from_slice::<Lease>(v).map_or(true, |l| l.expires <= now),
             };
             if free {
-                let mine = serde_json::to_vec(&Lease {
-                    owner: me.clone(),
-                    expires: now + lease_secs,
-                })
-                .expect("serializes");
+                let mine = LeaseKeeper::<K>::value(&me, now + lease_secs);
                 if self
                     .kv
                     .compare_and_swap(&key, current.as_deref(), &mine)
                     .await?
                 {
-                    let result = self.fetch_blob(t, digest, path).await;
+                    let lease = LeaseKeeper {
+                        kv: &self.kv,
+                        key: key.clone(),
+                        owner: me.clone(),
+                        current: mine,
+                        lease_secs,
+                        renew_at: LeaseKeeper::<K>::renew_after(lease_secs, now),
+                        lost: false,
+                    };
+                    let result = self.fetch_blob(t, digest, path, stream.take(), lease).await;
                     // Released whatever happened: waiters then find the blob, or try themselves.
                     if let Err(e) = self.kv.delete(&key).await {
                         tracing::warn!(error = %e.message, "releasing a mirror lease failed");
@@ -344,9 +377,17 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
     }
 
-    /// Streams the blob from upstream into a temporary object while hashing it; moves it into
-    /// place only when the digest matches, so wrong bytes are never visible.
-    async fn fetch_blob(&self, t: &Target<'_>, digest: &Digest, path: &str) -> Result<u64> {
+    /// Streams the blob from upstream into a temporary object while hashing it (and to the
+    /// client, when `stream` says so); moves it into place only when the digest matches, so
+    /// wrong bytes are never visible, and a streaming client sees its transfer aborted.
+    async fn fetch_blob(
+        &self,
+        t: &Target<'_>,
+        digest: &Digest,
+        path: &str,
+        stream: Option<(&EarlyResponse, String)>,
+        lease: LeaseKeeper<'_, K>,
+    ) -> Result<(u64, Option<Finish>)> {
         let resp = self.upstream(t, Method::GET, path, None).await?;
         if !resp.status().is_success() {
             if resp.status() == StatusCode::NOT_FOUND {
@@ -365,37 +406,88 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 format!("blobs are limited to {} bytes", self.config.max_blob_bytes),
             ));
         }
+        // From here the client gets a 200 and the bytes as they come; what goes wrong later
+        // aborts its body (the status is gone).
+        let pipe = match stream {
+            Some((early, request_id)) => {
+                let (tx, rx) = pipe(expected);
+                let mut b = http::Response::builder()
+                    .status(StatusCode::OK)
+                    .header("docker-content-digest", digest.to_string())
+                    .header("content-type", "application/octet-stream")
+                    .header("docker-distribution-api-version", "registry/2.0")
+                    .header("etag", format!("\"{digest}\""))
+                    .header(crate::observe::REQUEST_ID_HEADER, request_id);
+                if let Some(l) = expected {
+                    b = b.header("content-length", l);
+                }
+                // (Already answered, or an unusable header: this fetch just fills the cache.)
+                match b.body(rx) {
+                    Ok(r) => early.deliver(r).then_some(tx),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
         let tmp = layout::mirror_fetch(&nonce()?);
-        let mut src = Hashing::new(
-            resp.into_body(),
-            Some(Hasher::new(digest.algorithm())),
-            self.config.max_blob_bytes,
-        );
-        let written = match self.blobs.write(&tmp, &mut src).await {
+        let mut src = Tee {
+            src: Hashing::new(
+                resp.into_body(),
+                Some(Hasher::new(digest.algorithm())),
+                self.config.max_blob_bytes,
+            ),
+            pipe,
+            held: None,
+            lease,
+            timer: self.mirror_client(),
+        };
+        let written = self.blobs.write(&tmp, &mut src).await;
+        let Tee {
+            src: mut hashing,
+            pipe,
+            held,
+            ..
+        } = src;
+        let fail = |e: Error, pipe: Option<PipeSender>| {
+            if let Some(p) = pipe {
+                p.abort(e.message.clone());
+            }
+            Err(e)
+        };
+        let written = match written {
             Ok(n) => n,
-            Err(WriteError::Store(e)) => return Err(e.into()),
+            Err(WriteError::Store(e)) => return fail(e.into(), pipe),
             Err(WriteError::Source(ReadError::TooLarge { limit })) => {
-                return Err(Error::new(
-                    ErrorCode::SizeInvalid,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("blobs are limited to {limit} bytes"),
-                ));
+                return fail(
+                    Error::new(
+                        ErrorCode::SizeInvalid,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("blobs are limited to {limit} bytes"),
+                    ),
+                    pipe,
+                );
             }
             Err(WriteError::Source(ReadError::Body(e))) => {
-                return Err(StoreError::unavailable(format!(
-                    "upstream {} broke off sending {digest}: {e}",
-                    t.up.url
-                ))
-                .into());
+                return fail(
+                    StoreError::unavailable(format!(
+                        "upstream {} broke off sending {digest}: {e}",
+                        t.up.url
+                    ))
+                    .into(),
+                    pipe,
+                );
             }
         };
-        let got = src.hasher.take().expect("hashing").finish();
+        let got = hashing.hasher.take().expect("hashing").finish();
         if &got != digest || expected.is_some_and(|l| l != written) {
             let _ = self.blobs.delete(&tmp).await;
             tracing::error!(upstream = %t.up.url, want = %digest, got = %got, "upstream sent a blob that fails verification; discarded");
-            return Err(bad_gateway(format!(
-                "upstream sent {written} bytes for {digest} whose digest is {got}; refused"
-            )));
+            return fail(
+                bad_gateway(format!(
+                    "upstream sent {written} bytes for {digest} whose digest is {got}; refused"
+                )),
+                pipe,
+            );
         }
         if let Err(e) = self
             .blobs
@@ -403,9 +495,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             .await
         {
             let _ = self.blobs.delete(&tmp).await;
-            return Err(e.into());
+            return fail(e.into(), pipe);
         }
-        Ok(written)
+        Ok((written, pipe.map(|pipe| Finish { pipe, last: held })))
     }
 }
 

@@ -11,11 +11,14 @@
 //! - `upstream`: requests to an upstream with its Bearer challenge flow, redirects followed.
 //! - `fetch`: manifests (by digest forever, by tag with a TTL then a revalidating HEAD) and
 //!   blobs (one fetch per digest under a lease, verified before they become visible).
+//! - `stream`: a blob streamed to its first client while it is fetched and stored.
 
 mod config;
 mod fetch;
+mod stream;
 mod upstream;
 
 pub(crate) use config::Target;
 pub use config::{Mirror, Upstream};
+pub use stream::{EarlyResponse, PipeBody};
 pub use upstream::{BoxFuture, UpBody, UpstreamClient};

@@ -1,6 +1,6 @@
 //! The pull-through mirror with real clients, in front of Debian's `docker-registry`
-//! (distribution 2.8.2, no auth) seeded with a two-platform image: skopeo and crane straight
-//! at the mirror, docker with `--registry-mirror`, podman with a `registries.conf` mirror,
+//! (distribution 2.8.2, no auth) seeded with two-platform images: skopeo and crane (a cold
+//! pull: its blobs stream through the mirror) straight at the mirror, docker with `--registry-mirror`, podman with a `registries.conf` mirror,
 //! containerd's `ctr` with a `hosts.toml` mirror (which adds `?ns=docker.io`). Each pull is
 //! checked against the seeded bytes, and the mirror's access log shows it served them.
 
@@ -132,7 +132,7 @@ fn seed(upstream: &str, repo: &str) -> Seeded {
 }
 
 #[test]
-fn mirror_of_distribution_with_skopeo_docker_podman_containerd() {
+fn mirror_of_distribution_with_skopeo_crane_docker_podman_containerd() {
     let up = Distribution::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let mirror = start_mirror(&up.base_url(), tmp.path());
@@ -175,6 +175,57 @@ fn mirror_of_distribution_with_skopeo_docker_podman_containerd() {
             }
         }
         assert_eq!(image::read_layout_blob(&out, &s.index.digest), s.index.data);
+    }
+
+    if !skip("crane") {
+        // An image of its own, never pulled before: crane's pull is cold, so its blobs stream
+        // through the mirror while they are fetched.
+        let c = seed(&up.base_url(), "library/craned");
+        let reference = format!("{host}/library/craned:v1");
+        let crane = |args: &[&str]| {
+            let mut cmd = Command::new(crate::crane::crane_bin());
+            cmd.arg("--insecure").args(args);
+            run(&format!("crane {}", args.join(" ")), &mut cmd)
+        };
+        assert!(
+            crane(&["manifest", &reference]).raw == c.index.data,
+            "crane manifest: the upstream's index byte for byte"
+        );
+        let out = tmp.path().join("crane-out");
+        // `--platform` defaults to all: the whole index goes into the OCI layout.
+        crane(&[
+            "pull",
+            "--format",
+            "oci",
+            &reference,
+            out.to_str().expect("utf-8"),
+        ]);
+        let mut blobs = 0;
+        for img in &c.images {
+            for b in img.blobs() {
+                assert_eq!(
+                    image::read_layout_blob(&out, &b.digest),
+                    b.data,
+                    "crane got {} byte for byte",
+                    b.digest
+                );
+                blobs += 1;
+            }
+        }
+        assert_eq!(image::read_layout_blob(&out, &c.index.digest), c.index.data);
+        assert!(blobs > 0);
+        for img in &c.images {
+            for l in &img.layers {
+                assert!(
+                    served(
+                        &mirror,
+                        &format!("GET /v2/library/craned/blobs/{} 200", l.digest)
+                    ) >= 1,
+                    "the mirror served crane layer {}",
+                    l.digest
+                );
+            }
+        }
     }
 
     let amd64 = &s.images[0];
