@@ -230,6 +230,19 @@ fn with_digest(loc: &str, digest: &str) -> String {
     format!("{loc}{sep}digest={digest}")
 }
 
+/// The Content-Length header as sent (reqwest's `content_length()` would also count a body it
+/// has already buffered, so the header itself is read), `None` if the answer came without it.
+fn content_length(r: &reqwest::Response) -> Option<u64> {
+    assert!(
+        r.headers().get("transfer-encoding").is_none()
+            || r.headers().get("content-length").is_none(),
+        "both Content-Length and Transfer-Encoding"
+    );
+    r.headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().parse().expect("a number"))
+}
+
 async fn envelope_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let body: serde_json::Value = r.json().await.expect("a JSON error envelope");
@@ -325,13 +338,9 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
     let url = format!("{base}/v2/big/layer/blobs/{digest}");
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // KNOWN GAP: workers-rs turns the core's body into a ReadableStream of unknown length, so
-    // workerd answers a blob GET chunked, without Content-Length (a HEAD has it). Until the
-    // adapter wraps blob bodies in a FixedLengthStream, only a Content-Length that is sent is
-    // checked here.
-    if let Some(len) = r.headers().get("content-length") {
-        assert_eq!(len.to_str().unwrap(), data.len().to_string());
-    }
+    // The spec's GET blob answers with Content-Length: the adapter sends the body through a
+    // FixedLengthStream, or workerd would send it chunked.
+    assert_eq!(content_length(&r), Some(data.len() as u64), "GET blob");
     let got = r.bytes().await.unwrap();
     assert_eq!(got.len(), data.len());
     assert_eq!(sha256_digest(&got), digest, "the layer came back different");
@@ -356,6 +365,11 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
             r.headers()["content-range"].to_str().unwrap(),
             format!("bytes {start}-{end}/{}", data.len())
         );
+        assert_eq!(
+            content_length(&r),
+            Some((end + 1 - start) as u64),
+            "range {start}-{end}"
+        );
         assert_eq!(&r.bytes().await.unwrap()[..], &data[start..=end]);
     }
     let r = http
@@ -365,6 +379,7 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
+    assert_eq!(content_length(&r), Some(7), "suffix range");
     assert_eq!(&r.bytes().await.unwrap()[..], &data[data.len() - 7..]);
     let r = http
         .get(&url)
@@ -399,6 +414,11 @@ async fn monolithic_pushes_single_and_multipart() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        assert_eq!(
+            content_length(&r),
+            Some(len as u64),
+            "GET blob of {len} bytes"
+        );
         let got = r.bytes().await.unwrap();
         assert_eq!(
             sha256_digest(&got),
