@@ -489,6 +489,125 @@ async fn racing_patches_one_winner() {
     }
 }
 
+/// Manifests longer than a Durable Object's SQLite row (2 MB) up to the core's 4 MiB cap: the
+/// key store splits them across rows (src/hosts/durable.rs). Each comes back byte for byte with
+/// its Content-Length; a deleted one is gone (its later rows with it) and can be pushed again;
+/// one byte over the cap is still 413.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_larger_than_a_row() {
+    const CAP: usize = 4 * 1024 * 1024;
+    let w = Wrangler::start(&[]).await;
+    let base = w.base();
+    let http = common::client();
+    let repo = format!("{base}/v2/bigm/manifests");
+    let mut descriptors = Vec::new();
+    for (len, seed) in [(1234usize, 31u64), (77, 32)] {
+        let data = pseudo_random(len, seed);
+        let digest = sha256_digest(&data);
+        let r = http
+            .post(format!("{base}/v2/bigm/blobs/uploads/?digest={digest}"))
+            .body(data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        descriptors.push((digest, len));
+    }
+    // A manifest of exactly `len` bytes: an annotation pads it.
+    let manifest = |len: usize, tag: &str| {
+        let make = |pad: usize| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": descriptors[1].0, "size": descriptors[1].1},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": descriptors[0].0, "size": descriptors[0].1}],
+                "annotations": {"org.example.tag": tag, "org.example.padding": "x".repeat(pad)},
+            }))
+            .unwrap()
+        };
+        let m = make(len - make(0).len());
+        assert_eq!(m.len(), len);
+        m
+    };
+    let put = |tag: &str, body: Vec<u8>| {
+        http.put(format!("{repo}/{tag}"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(body)
+            .send()
+    };
+    let check = |tag: String, want: Vec<u8>| {
+        let http = http.clone();
+        let repo = repo.clone();
+        async move {
+            let r = http.get(format!("{repo}/{tag}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "GET {tag}");
+            assert_eq!(content_length(&r), Some(want.len() as u64), "GET {tag}");
+            assert_eq!(
+                r.headers()["docker-content-digest"].to_str().unwrap(),
+                sha256_digest(&want)
+            );
+            let got = r.bytes().await.unwrap();
+            assert!(
+                got == want,
+                "{tag}: {} bytes came back different",
+                want.len()
+            );
+        }
+    };
+
+    // One row, two rows, and the cap itself (five rows).
+    let sizes = [900 * 1024, 1536 * 1024, CAP];
+    let mut pushed = Vec::new();
+    for (i, len) in sizes.into_iter().enumerate() {
+        let tag = format!("s{i}");
+        let m = manifest(len, &tag);
+        let r = put(&tag, m.clone()).await.unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "{len} bytes: {}",
+            r.text().await.unwrap_or_default()
+        );
+        pushed.push((tag, m));
+    }
+    for (tag, m) in &pushed {
+        check(tag.clone(), m.clone()).await;
+    }
+    let tags: serde_json::Value = http
+        .get(format!("{base}/v2/bigm/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["s0", "s1", "s2"]));
+
+    // Deleted, then pushed again.
+    let (tag, m) = pushed.pop().unwrap();
+    let digest = sha256_digest(&m);
+    let r = http
+        .delete(format!("{repo}/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = http.get(format!("{repo}/{digest}")).send().await.unwrap();
+    let (status, code) = envelope_code(r).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let r = put(&tag, m.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    check(tag.clone(), m).await;
+
+    // The cap is the core's, as on every host.
+    let mut over = manifest(CAP, "over");
+    over.insert(over.len() - 1, b' ');
+    let (status, code) = envelope_code(put("over", over).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (413, "SIZE_INVALID"));
+}
+
 /// skopeo copies an OCI layout into the Worker and back out to a second layout: the pulled
 /// layer is its digest and holds the original bytes (skopeo gzips it on the way up).
 #[tokio::test(flavor = "multi_thread")]
