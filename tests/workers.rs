@@ -1,9 +1,9 @@
 //! The Cloudflare Worker under `wrangler dev` (Cloudflare's `workerd` runtime, with a local R2
 //! bucket and local Durable Object storage), driven through its HTTP surface only.
 //!
-//! Needs the Worker built by worker-build (wrangler.toml's `main`) and the wrangler CLI:
-//! `.ci/workers` builds and installs both, then runs `cargo test --features workers-e2e --test
-//! workers` with `DOCKSIDE_WRANGLER` set. Without them every test fails and says why; none skips.
+//! Needs the Worker built (workers/build.sh, wrangler.toml's build command, writes build/) and
+//! the wrangler CLI: `.ci/workers` builds and installs both, then runs `cargo test --features
+//! workers-e2e --test workers` with `DOCKSIDE_WRANGLER` set. Without them every test fails and says why; none skips.
 //! Each test runs its own `wrangler dev` on a free loopback port, with its own state directory,
 //! from a copy of the repository's `wrangler.toml` without the `[build]` step (the Worker is
 //! built once, by the script), and without telemetry or a Cloudflare login.
@@ -42,7 +42,7 @@ fn wrangler_cli() -> PathBuf {
     p
 }
 
-/// The Worker's entry point (`main` in wrangler.toml), built by worker-build.
+/// The Worker's entry point (`main` in wrangler.toml), with the build it imports in place.
 fn entry_point() -> PathBuf {
     let text = std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("wrangler.toml");
     let main = text
@@ -51,10 +51,12 @@ fn entry_point() -> PathBuf {
         .and_then(|l| l.strip_suffix('"'))
         .expect("wrangler.toml names its main module");
     let p = repo_root().join(main);
+    assert!(p.is_file(), "{} is missing", p.display());
+    let wasm = repo_root().join("build/index_bg.wasm");
     assert!(
-        p.is_file(),
-        "{} is missing: build the Worker first (.ci/workers runs worker-build)",
-        p.display()
+        wasm.is_file(),
+        "{} is missing: build the Worker first (.ci/workers runs workers/build.sh)",
+        wasm.display()
     );
     p
 }

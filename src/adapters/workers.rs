@@ -1,6 +1,7 @@
-//! The Cloudflare Worker (workers-rs 0.7, `wasm32-unknown-unknown`): `worker-build --release
-//! --no-default-features --features workers` builds it, `wrangler dev` / `wrangler deploy` run
-//! it with the `wrangler.toml` at the repository root.
+//! The Cloudflare Worker (workers-rs 0.8, `wasm32-unknown-unknown`): `workers/build.sh` builds
+//! it (`cargo build --no-default-features --features workers`, then wasm-bindgen's glue),
+//! `wrangler dev` / `wrangler deploy` run it with the `wrangler.toml` at the repository root,
+//! through the entry point `workers/entry.mjs`.
 //!
 //! It only translates. workers-rs hands over the request as an `http::Request` whose body
 //! streams, and takes the core's `http::Response` back as it is. Blobs are objects in the R2
