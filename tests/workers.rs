@@ -1,9 +1,9 @@
 //! The Cloudflare Worker under `wrangler dev` (Cloudflare's `workerd` runtime, with a local R2
 //! bucket and local Durable Object storage), driven through its HTTP surface only.
 //!
-//! Needs the Worker built by worker-build (wrangler.toml's `main`) and the wrangler CLI:
-//! `.ci/workers` builds and installs both, then runs `cargo test --features workers-e2e --test
-//! workers` with `DOCKSIDE_WRANGLER` set. Without them every test fails and says why; none skips.
+//! Needs the Worker built (workers/build.sh, wrangler.toml's build command, writes build/) and
+//! the wrangler CLI: `.ci/workers` builds and installs both, then runs `cargo test --features
+//! workers-e2e --test workers` with `DOCKSIDE_WRANGLER` set. Without them every test fails and says why; none skips.
 //! Each test runs its own `wrangler dev` on a free loopback port, with its own state directory,
 //! from a copy of the repository's `wrangler.toml` without the `[build]` step (the Worker is
 //! built once, by the script), and without telemetry or a Cloudflare login.
@@ -42,7 +42,7 @@ fn wrangler_cli() -> PathBuf {
     p
 }
 
-/// The Worker's entry point (`main` in wrangler.toml), built by worker-build.
+/// The Worker's entry point (`main` in wrangler.toml), with the build it imports in place.
 fn entry_point() -> PathBuf {
     let text = std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("wrangler.toml");
     let main = text
@@ -51,10 +51,12 @@ fn entry_point() -> PathBuf {
         .and_then(|l| l.strip_suffix('"'))
         .expect("wrangler.toml names its main module");
     let p = repo_root().join(main);
+    assert!(p.is_file(), "{} is missing", p.display());
+    let wasm = repo_root().join("build/index_bg.wasm");
     assert!(
-        p.is_file(),
-        "{} is missing: build the Worker first (.ci/workers runs worker-build)",
-        p.display()
+        wasm.is_file(),
+        "{} is missing: build the Worker first (.ci/workers runs workers/build.sh)",
+        wasm.display()
     );
     p
 }
@@ -230,6 +232,19 @@ fn with_digest(loc: &str, digest: &str) -> String {
     format!("{loc}{sep}digest={digest}")
 }
 
+/// The Content-Length header as sent (reqwest's `content_length()` would also count a body it
+/// has already buffered, so the header itself is read), `None` if the answer came without it.
+fn content_length(r: &reqwest::Response) -> Option<u64> {
+    assert!(
+        r.headers().get("transfer-encoding").is_none()
+            || r.headers().get("content-length").is_none(),
+        "both Content-Length and Transfer-Encoding"
+    );
+    r.headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().parse().expect("a number"))
+}
+
 async fn envelope_code(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let body: serde_json::Value = r.json().await.expect("a JSON error envelope");
@@ -325,13 +340,9 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
     let url = format!("{base}/v2/big/layer/blobs/{digest}");
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    // KNOWN GAP: workers-rs turns the core's body into a ReadableStream of unknown length, so
-    // workerd answers a blob GET chunked, without Content-Length (a HEAD has it). Until the
-    // adapter wraps blob bodies in a FixedLengthStream, only a Content-Length that is sent is
-    // checked here.
-    if let Some(len) = r.headers().get("content-length") {
-        assert_eq!(len.to_str().unwrap(), data.len().to_string());
-    }
+    // The spec's GET blob answers with Content-Length: the adapter sends the body through a
+    // FixedLengthStream, or workerd would send it chunked.
+    assert_eq!(content_length(&r), Some(data.len() as u64), "GET blob");
     let got = r.bytes().await.unwrap();
     assert_eq!(got.len(), data.len());
     assert_eq!(sha256_digest(&got), digest, "the layer came back different");
@@ -356,6 +367,11 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
             r.headers()["content-range"].to_str().unwrap(),
             format!("bytes {start}-{end}/{}", data.len())
         );
+        assert_eq!(
+            content_length(&r),
+            Some((end + 1 - start) as u64),
+            "range {start}-{end}"
+        );
         assert_eq!(&r.bytes().await.unwrap()[..], &data[start..=end]);
     }
     let r = http
@@ -365,6 +381,7 @@ async fn layer_larger_than_the_body_cap_in_chunks_and_ranges() {
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
+    assert_eq!(content_length(&r), Some(7), "suffix range");
     assert_eq!(&r.bytes().await.unwrap()[..], &data[data.len() - 7..]);
     let r = http
         .get(&url)
@@ -399,6 +416,11 @@ async fn monolithic_pushes_single_and_multipart() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        assert_eq!(
+            content_length(&r),
+            Some(len as u64),
+            "GET blob of {len} bytes"
+        );
         let got = r.bytes().await.unwrap();
         assert_eq!(
             sha256_digest(&got),
@@ -467,6 +489,125 @@ async fn racing_patches_one_winner() {
             "round {round}: the winner's bytes close the upload"
         );
     }
+}
+
+/// Manifests longer than a Durable Object's SQLite row (2 MB) up to the core's 4 MiB cap: the
+/// key store splits them across rows (src/hosts/durable.rs). Each comes back byte for byte with
+/// its Content-Length; a deleted one is gone (its later rows with it) and can be pushed again;
+/// one byte over the cap is still 413.
+#[tokio::test(flavor = "multi_thread")]
+async fn manifests_larger_than_a_row() {
+    const CAP: usize = 4 * 1024 * 1024;
+    let w = Wrangler::start(&[]).await;
+    let base = w.base();
+    let http = common::client();
+    let repo = format!("{base}/v2/bigm/manifests");
+    let mut descriptors = Vec::new();
+    for (len, seed) in [(1234usize, 31u64), (77, 32)] {
+        let data = pseudo_random(len, seed);
+        let digest = sha256_digest(&data);
+        let r = http
+            .post(format!("{base}/v2/bigm/blobs/uploads/?digest={digest}"))
+            .body(data)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        descriptors.push((digest, len));
+    }
+    // A manifest of exactly `len` bytes: an annotation pads it.
+    let manifest = |len: usize, tag: &str| {
+        let make = |pad: usize| {
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": descriptors[1].0, "size": descriptors[1].1},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                            "digest": descriptors[0].0, "size": descriptors[0].1}],
+                "annotations": {"org.example.tag": tag, "org.example.padding": "x".repeat(pad)},
+            }))
+            .unwrap()
+        };
+        let m = make(len - make(0).len());
+        assert_eq!(m.len(), len);
+        m
+    };
+    let put = |tag: &str, body: Vec<u8>| {
+        http.put(format!("{repo}/{tag}"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(body)
+            .send()
+    };
+    let check = |tag: String, want: Vec<u8>| {
+        let http = http.clone();
+        let repo = repo.clone();
+        async move {
+            let r = http.get(format!("{repo}/{tag}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "GET {tag}");
+            assert_eq!(content_length(&r), Some(want.len() as u64), "GET {tag}");
+            assert_eq!(
+                r.headers()["docker-content-digest"].to_str().unwrap(),
+                sha256_digest(&want)
+            );
+            let got = r.bytes().await.unwrap();
+            assert!(
+                got == want,
+                "{tag}: {} bytes came back different",
+                want.len()
+            );
+        }
+    };
+
+    // One row, two rows, and the cap itself (five rows).
+    let sizes = [900 * 1024, 1536 * 1024, CAP];
+    let mut pushed = Vec::new();
+    for (i, len) in sizes.into_iter().enumerate() {
+        let tag = format!("s{i}");
+        let m = manifest(len, &tag);
+        let r = put(&tag, m.clone()).await.unwrap();
+        assert_eq!(
+            r.status(),
+            201,
+            "{len} bytes: {}",
+            r.text().await.unwrap_or_default()
+        );
+        pushed.push((tag, m));
+    }
+    for (tag, m) in &pushed {
+        check(tag.clone(), m.clone()).await;
+    }
+    let tags: serde_json::Value = http
+        .get(format!("{base}/v2/bigm/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["s0", "s1", "s2"]));
+
+    // Deleted, then pushed again.
+    let (tag, m) = pushed.pop().unwrap();
+    let digest = sha256_digest(&m);
+    let r = http
+        .delete(format!("{repo}/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = http.get(format!("{repo}/{digest}")).send().await.unwrap();
+    let (status, code) = envelope_code(r).await;
+    assert_eq!((status, code.as_str()), (404, "MANIFEST_UNKNOWN"));
+    let r = put(&tag, m.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    check(tag.clone(), m).await;
+
+    // The cap is the core's, as on every host.
+    let mut over = manifest(CAP, "over");
+    over.insert(over.len() - 1, b' ');
+    let (status, code) = envelope_code(put("over", over).await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (413, "SIZE_INVALID"));
 }
 
 /// skopeo copies an OCI layout into the Worker and back out to a second layout: the pulled

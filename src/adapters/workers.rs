@@ -1,6 +1,7 @@
-//! The Cloudflare Worker (workers-rs 0.7, `wasm32-unknown-unknown`): `worker-build --release
-//! --no-default-features --features workers` builds it, `wrangler dev` / `wrangler deploy` run
-//! it with the `wrangler.toml` at the repository root.
+//! The Cloudflare Worker (workers-rs 0.8, `wasm32-unknown-unknown`): `workers/build.sh` builds
+//! it (`cargo build --no-default-features --features workers`, then wasm-bindgen's glue),
+//! `wrangler dev` / `wrangler deploy` run it with the `wrangler.toml` at the repository root,
+//! through the entry point `workers/entry.mjs`.
 //!
 //! It only translates. workers-rs hands over the request as an `http::Request` whose body
 //! streams, and takes the core's `http::Response` back as it is. Blobs are objects in the R2
@@ -14,7 +15,15 @@
 //! every request with 500 rather than serve with a configuration nobody asked for.
 //!
 //! The client address (for the failed-login counts) is Cloudflare's `CF-Connecting-IP`.
+//!
+//! A body whose length is known (blobs whole or in ranges, manifests) leaves through a
+//! `FixedLengthStream`: workerd sends a plain `ReadableStream` chunked, dropping the core's
+//! `Content-Length`, which the spec has GET blob answer with (`/work/shared/reference`,
+//! "Pulling blobs"; clients check it against the descriptor).
 
+use http_body::Body as _;
+use worker::wasm_bindgen::JsValue;
+use worker::web_sys;
 use worker::{Context, Env, HttpRequest, event};
 
 use crate::hosts::durable::DurableKv;
@@ -26,11 +35,7 @@ use crate::{Body, Config, Registry, RegistryResponse};
 const KEYS_OBJECT: &str = "registry";
 
 #[event(fetch)]
-async fn fetch(
-    mut req: HttpRequest,
-    env: Env,
-    _ctx: Context,
-) -> worker::Result<RegistryResponse<R2Blobs>> {
+async fn fetch(mut req: HttpRequest, env: Env, _ctx: Context) -> worker::Result<web_sys::Response> {
     crate::clock::set_clock(|| worker::js_sys::Date::now() as u64);
     let start = worker::js_sys::Date::now();
     if let Some(addr) = req
@@ -60,7 +65,37 @@ async fn fetch(
         "{}",
         AccessRecord::of(&method, &path, &headers, &resp, ms).to_json()
     );
-    Ok(resp)
+    with_length(resp)
+}
+
+/// The response for workerd, its body through a `FixedLengthStream` of the body's exact length
+/// when that is known, so that it goes out with `Content-Length` instead of chunked.
+fn with_length(resp: RegistryResponse<R2Blobs>) -> worker::Result<web_sys::Response> {
+    let length = resp.body().size_hint().exact();
+    let js = web_sys::Response::from(worker::Response::try_from(resp)?);
+    let (Some(length), Some(body)) = (length, js.body()) else {
+        return Ok(js);
+    };
+    let fixed = if let Ok(small) = u32::try_from(length) {
+        worker::worker_sys::FixedLengthStream::new(small)
+    } else {
+        worker::worker_sys::FixedLengthStream::new_big_int(worker::js_sys::BigInt::from(length))
+    }?;
+    let piped = body.pipe_to(&fixed.writable());
+    // The pipe fails when the source does (an R2 read cut short): the client sees the body end
+    // early, and the log says why.
+    worker::wasm_bindgen_futures::spawn_local(async move {
+        if let Err(e) = worker::wasm_bindgen_futures::JsFuture::from(piped).await {
+            worker::console_error!("dockside: response body: {e:?}");
+        }
+    });
+    let init = web_sys::ResponseInit::new();
+    init.set_status(js.status());
+    init.set_headers(&JsValue::from(js.headers()));
+    Ok(web_sys::Response::new_with_opt_readable_stream_and_init(
+        Some(&fixed.readable()),
+        &init,
+    )?)
 }
 
 fn open(env: &Env) -> Result<Registry<DurableKv, R2Blobs>, String> {

@@ -10,20 +10,31 @@
 //!
 //! Every operation is one request to the object: `POST /` with a JSON [`Op`], answered with
 //! JSON. The object does each one with synchronous SQL calls and no `await` in between, so a
-//! compare-and-swap is atomic: no other request runs inside it. Values travel base64-encoded;
-//! they are small (records, links, manifests).
+//! compare-and-swap is atomic: no other request runs inside it. Values travel base64-encoded.
+//!
+//! A SQLite row of a Durable Object holds at most 2 MB, and a manifest record may be 4 MiB and
+//! more (the core's `max_manifest_bytes`). So a value is stored in parts of [`ROW_BYTES`]: the
+//! first in `kv` (the table listings read), the rest in `kv_more`, numbered from 1. Each write
+//! runs inside `storage.transactionSync`, so a value is replaced whole or not at all, even when
+//! one of its statements fails half-way.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use worker::wasm_bindgen::closure::ScopedClosure;
+use worker::wasm_bindgen::{JsCast as _, JsValue};
 use worker::{
     DurableObject, Env, Method, Request, RequestInit, Response, SqlStorage, SqlStorageValue as Sql,
-    State, Stub, durable_object, wasm_bindgen,
+    State, Stub, durable_object, js_sys, wasm_bindgen,
 };
 
 use crate::error::StoreError;
 use crate::host::KeyValue;
+
+/// The most of a value one row holds: half a Durable Object's SQLite row limit (2 MB), leaving
+/// room for the key.
+pub const ROW_BYTES: usize = 1024 * 1024;
 
 /// One operation on the key space.
 #[derive(Serialize, Deserialize)]
@@ -65,6 +76,8 @@ enum Reply {
 #[durable_object(fetch)]
 pub struct RegistryKeys {
     sql: SqlStorage,
+    /// The object's `DurableObjectStorage`, for `transactionSync` (workers-rs has no binding).
+    storage: JsValue,
 }
 
 impl DurableObject for RegistryKeys {
@@ -72,13 +85,23 @@ impl DurableObject for RegistryKeys {
         let sql = state.storage().sql();
         // WITHOUT ROWID: the table is its key index, ordered by the bytes of the key (SQLite's
         // BINARY collation compares UTF-8 with memcmp), the order `KeyValue::list` promises.
-        if let Err(e) = sql.exec(
+        // `kv_more` holds the parts after the first of values longer than one row; objects
+        // created before it existed get it here, and none of their values has more parts.
+        for table in [
             "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
-            Vec::<Sql>::new(),
-        ) {
-            worker::console_error!("dockside: cannot create the key table: {e}");
+            "CREATE TABLE IF NOT EXISTS kv_more (k TEXT NOT NULL, n INTEGER NOT NULL, \
+             v BLOB NOT NULL, PRIMARY KEY (k, n)) WITHOUT ROWID",
+        ] {
+            if let Err(e) = sql.exec(table, Vec::<Sql>::new()) {
+                worker::console_error!("dockside: cannot create the key tables: {e}");
+            }
         }
-        RegistryKeys { sql }
+        let storage = state
+            .as_raw()
+            .storage()
+            .map(JsValue::from)
+            .unwrap_or(JsValue::UNDEFINED);
+        RegistryKeys { sql, storage }
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
@@ -98,24 +121,76 @@ impl RegistryKeys {
         let cursor = self
             .sql
             .exec("SELECT v FROM kv WHERE k = ?", vec![Sql::from(key)])?;
-        match cursor.raw().next() {
-            None => Ok(None),
-            Some(row) => match row?.into_iter().next() {
-                Some(Sql::Blob(v)) => Ok(Some(v)),
-                Some(Sql::String(v)) => Ok(Some(v.into_bytes())),
-                other => Err(worker::Error::RustError(format!(
-                    "unexpected value for {key}: {other:?}"
-                ))),
-            },
+        let Some(row) = cursor.raw().next() else {
+            return Ok(None);
+        };
+        let mut value = blob(key, row?)?;
+        // Only a full first part can have more.
+        if value.len() >= ROW_BYTES {
+            let more = self.sql.exec(
+                "SELECT v FROM kv_more WHERE k = ? ORDER BY n",
+                vec![Sql::from(key)],
+            )?;
+            for row in more.raw() {
+                value.extend_from_slice(&blob(key, row?)?);
+            }
         }
+        Ok(Some(value))
     }
 
-    fn set(&self, key: &str, value: Vec<u8>) -> worker::Result<()> {
+    /// Replaces the value of `key`, in parts of [`ROW_BYTES`]; within a transaction.
+    fn set(&self, key: &str, value: &[u8]) -> worker::Result<()> {
+        let mut parts = value.chunks(ROW_BYTES);
+        let first = parts.next().unwrap_or_default();
         self.sql.exec(
             "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
-            vec![Sql::from(key), Sql::from(value)],
+            vec![Sql::from(key), Sql::from(first.to_vec())],
         )?;
+        self.sql
+            .exec("DELETE FROM kv_more WHERE k = ?", vec![Sql::from(key)])?;
+        for (n, part) in (1i64..).zip(parts) {
+            self.sql.exec(
+                "INSERT INTO kv_more (k, n, v) VALUES (?, ?, ?)",
+                vec![Sql::from(key), Sql::from(n), Sql::from(part.to_vec())],
+            )?;
+        }
         Ok(())
+    }
+
+    /// Runs `f` inside `storage.transactionSync`: SQLite rolls back what it wrote if it fails
+    /// (a Durable Object refuses `BEGIN`; its writes without an `await` between them are
+    /// coalesced into one commit, but a statement that fails would leave the ones before it).
+    fn transaction<T>(&self, f: impl FnOnce() -> worker::Result<T>) -> worker::Result<T> {
+        let run = js_sys::Reflect::get(&self.storage, &JsValue::from_str("transactionSync"))
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+            .ok_or_else(|| worker::Error::RustError("no storage.transactionSync".into()))?;
+        let mut f = Some(f);
+        let mut out = None;
+        let mut body = || -> Result<(), JsValue> {
+            let Some(f) = f.take() else {
+                return Err(JsValue::from_str("the transaction ran twice"));
+            };
+            let result = f();
+            let failed = result.is_err();
+            out = Some(result);
+            if failed {
+                // Thrown, so that transactionSync rolls back.
+                Err(JsValue::from_str("rolled back"))
+            } else {
+                Ok(())
+            }
+        };
+        let callback = ScopedClosure::<dyn FnMut() -> Result<(), JsValue>>::borrow_mut(&mut body);
+        let called = run.call1(&self.storage, callback.as_js_value());
+        drop(callback);
+        match (out, called) {
+            (Some(result), _) => result,
+            (None, Err(e)) => Err(worker::Error::from(e)),
+            (None, Ok(_)) => Err(worker::Error::RustError(
+                "transactionSync did not run its callback".into(),
+            )),
+        }
     }
 
     /// Synchronous from start to end: a Durable Object runs no other request meanwhile.
@@ -127,14 +202,28 @@ impl RegistryKeys {
         Ok(match op {
             Op::Get { key } => Reply::Value(self.get(&key)?.map(|v| B64.encode(v))),
             Op::SetMany { entries } => {
-                for (k, v) in entries {
-                    self.set(&k, decode(&v)?)?;
-                }
+                let entries = entries
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, decode(&v)?)))
+                    .collect::<worker::Result<Vec<_>>>()?;
+                self.transaction(|| {
+                    for (k, v) in &entries {
+                        self.set(k, v)?;
+                    }
+                    Ok(())
+                })?;
                 Reply::Done
             }
             Op::Delete { key } => {
-                self.sql
-                    .exec("DELETE FROM kv WHERE k = ?", vec![Sql::from(key)])?;
+                self.transaction(|| {
+                    for table in ["kv", "kv_more"] {
+                        self.sql.exec(
+                            &format!("DELETE FROM {table} WHERE k = ?"),
+                            vec![Sql::from(key.as_str())],
+                        )?;
+                    }
+                    Ok(())
+                })?;
                 Reply::Done
             }
             Op::List {
@@ -169,14 +258,26 @@ impl RegistryKeys {
             }
             Op::Cas { key, expected, new } => {
                 let expected = expected.as_deref().map(decode).transpose()?;
+                let new = decode(&new)?;
                 if self.get(&key)? != expected {
                     Reply::Swapped(false)
                 } else {
-                    self.set(&key, decode(&new)?)?;
+                    self.transaction(|| self.set(&key, &new))?;
                     Reply::Swapped(true)
                 }
             }
         })
+    }
+}
+
+/// The value in a row of one `v` column.
+fn blob(key: &str, row: Vec<Sql>) -> worker::Result<Vec<u8>> {
+    match row.into_iter().next() {
+        Some(Sql::Blob(v)) => Ok(v),
+        Some(Sql::String(v)) => Ok(v.into_bytes()),
+        other => Err(worker::Error::RustError(format!(
+            "unexpected value for {key}: {other:?}"
+        ))),
     }
 }
 
