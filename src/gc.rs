@@ -424,24 +424,31 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 Ok((Phase::Repositories, None))
             }
             Phase::Repositories => {
+                // A page of catalog entries per listing, not one (a listing of one entry
+                // reads the catalog's directory whole on the directory host: quadratic).
                 let mut done = 0;
                 let mut cursor = cursor;
-                while done < budget {
+                loop {
                     let page = self
                         .kv
-                        .list(layout::catalog_prefix(), cursor.as_deref(), 1)
+                        .list(layout::catalog_prefix(), cursor.as_deref(), budget)
                         .await?;
-                    let Some(key) = page.into_iter().next() else {
-                        return Ok((Phase::Blobs, None));
-                    };
-                    let name = &key[layout::catalog_prefix().len()..];
-                    if let Ok(name) = RepoName::parse(name, usize::MAX) {
-                        done += self.collect_repository(&name, sweep).await?;
+                    let full = page.len() == budget;
+                    for key in page {
+                        let name = &key[layout::catalog_prefix().len()..];
+                        if let Ok(name) = RepoName::parse(name, usize::MAX) {
+                            done += self.collect_repository(&name, sweep).await?;
+                        }
+                        done += 1;
+                        cursor = Some(key);
+                        if done >= budget {
+                            return Ok((Phase::Repositories, cursor));
+                        }
                     }
-                    done += 1;
-                    cursor = Some(key);
+                    if !full {
+                        return Ok((Phase::Blobs, None));
+                    }
                 }
-                Ok((Phase::Repositories, cursor))
             }
             Phase::Blobs => {
                 let page = self

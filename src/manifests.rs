@@ -548,17 +548,21 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// Sets tag `t` of `name` to `digest`: its reverse entry (`_tagged`) first, so a tag never
-    /// points at a manifest without one. Every tag write goes through here.
+    /// points at a manifest without one. Every tag write goes through here. A retag to the
+    /// manifest the tag already names (CI) costs a read, not a second write (an fsync on the
+    /// directory host): that tag's entry was written, completely, before the tag was.
     pub(crate) async fn set_tag(
         &self,
         name: &RepoName,
         t: &Tag,
         digest: &Digest,
     ) -> std::result::Result<(), StoreError> {
-        self.kv.set(&layout::tagged(name, digest, t), b"").await?;
-        self.kv
-            .set(&layout::tag(name, t), digest.to_string().as_bytes())
-            .await
+        let key = layout::tag(name, t);
+        let value = digest.to_string();
+        if self.kv.get(&key).await?.as_deref() != Some(value.as_bytes()) {
+            self.kv.set(&layout::tagged(name, digest, t), b"").await?;
+        }
+        self.kv.set(&key, value.as_bytes()).await
     }
 
     /// Deletes the tags of `name` that point at `digest`, and the manifest's reverse entries:
