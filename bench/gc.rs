@@ -52,8 +52,15 @@ fn du(dir: &Path) -> u64 {
 
 /// Runs `cmd` to its end, sampling its peak RSS; returns (wall time, peak KiB, stdout).
 fn run_measured(cmd: &mut Command) -> (Duration, u64, String) {
+    // Output to a file, not a pipe: a dry run prints a line per item, more than a pipe holds
+    // while nobody reads it (the child would block on the write, forever).
+    let out_path =
+        std::env::temp_dir().join(format!("dockside-gc-bench-{}.out", std::process::id()));
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .spawn()
+        .unwrap();
     let status = format!("/proc/{}/status", child.id());
     let mut peak = 0;
     loop {
@@ -73,13 +80,10 @@ fn run_measured(cmd: &mut Command) -> (Duration, u64, String) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let elapsed = start.elapsed();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    (
-        elapsed,
-        peak,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    assert!(child.wait().unwrap().success());
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    std::fs::remove_file(&out_path).unwrap();
+    (elapsed, peak, out)
 }
 
 async fn send(r: &Registry<FsKv, FsBlobs>, m: http::Method, uri: &str, ct: &str, body: Vec<u8>) {
@@ -97,6 +101,12 @@ async fn send(r: &Registry<FsKv, FsBlobs>, m: http::Method, uri: &str, ct: &str,
         "{uri}: {status} {}",
         String::from_utf8_lossy(&body)
     );
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -170,6 +180,7 @@ async fn main() {
             _ => panic!("unknown option {a}"),
         }
     }
+    println!("load average at start: {}", loadavg());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let r = Registry::new(
@@ -230,6 +241,7 @@ async fn main() {
         t.elapsed().as_secs_f64()
     );
     // Delete every other image (its tags go with it).
+    let t = Instant::now();
     for (repo, d) in manifests.iter().step_by(2) {
         send(
             &r,
@@ -240,6 +252,11 @@ async fn main() {
         )
         .await;
     }
+    println!(
+        "deleted {} images by digest in {:.1} s",
+        manifests.len().div_ceil(2),
+        t.elapsed().as_secs_f64()
+    );
     let survivors: Vec<String> = manifests
         .iter()
         .skip(1)
@@ -326,4 +343,5 @@ async fn main() {
         peak / 1024,
         out.trim()
     );
+    println!("load average at end: {}", loadavg());
 }

@@ -7,9 +7,12 @@
 //!    manifests no tag, index or young age keeps alive go (only with `untagged`), and so do
 //!    referrers whose subject is gone; blob links no surviving manifest references go; an
 //!    emptied repository leaves the catalog.
+//!    Every blob a surviving link reaches is *marked*: its `gc/blobs/<digest>` record gets the
+//!    run's generation (one compare-and-swap per live blob per run, none if already marked).
 //! 3. `blobs`: every `gc/blobs/<digest>` record (one per stored blob, written when the blob is
-//!    written or linked) whose blob no repository links any more, and that is older than the
-//!    grace period, is claimed, its content deleted, then the record.
+//!    written or linked) not marked by this run, and last touched a grace period before the run
+//!    started, is claimed, its content deleted, then the record: one read per blob, however
+//!    many repositories there are.
 //!
 //! Safety against pushes (the argument is in docs/DESIGN.md, "Garbage collection"): every
 //! write that makes content reachable first *touches* a time (`at`) by compare-and-swap: a blob
@@ -126,6 +129,9 @@ pub struct GcProgress {
     /// The last repository or blob record done in the current phase.
     pub cursor: Option<String>,
     pub started: u64,
+    /// Whether this run marks live blobs in their records (a run started by a version that
+    /// did not is restarted: its blob phase would find no marks).
+    pub marks: bool,
     /// This run's counts so far.
     pub stats: GcStats,
     /// The last finished run: when it ended, and what it removed.
@@ -146,6 +152,13 @@ struct BlobRecord {
     at: u64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     deleting: bool,
+    /// The generation of the last run whose repository phase found a live link to it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    mark: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A dry run's account: the counts and one line per item that would go.
@@ -155,14 +168,18 @@ pub struct GcReport {
     pub items: Vec<String>,
 }
 
-/// One pass's context: the time it judges by, and in a dry run what it pretended to remove.
+/// One pass's context: the times it judges by, and in a dry run what it pretended to remove.
 struct Sweep {
     dry: bool,
     now: u64,
+    /// When the run started: blob records are judged by it (their marks are this run's).
+    started: u64,
+    /// The run's generation, the mark of a live blob.
+    generation: u64,
     stats: GcStats,
     items: Vec<String>,
-    /// Dry runs only: links that a real run would have removed, so the blob phase judges as if.
-    gone_links: HashSet<(String, Digest)>,
+    /// Dry runs only: the blobs a real run would have marked (a dry run writes nothing).
+    marked: HashSet<Digest>,
 }
 
 impl Sweep {
@@ -199,6 +216,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         for _ in 0..TOUCH_ATTEMPTS {
             let now = now_secs();
             let raw = self.kv.get(&key).await?;
+            let mut mark = 0;
             if let Some(raw) = &raw {
                 let r: BlobRecord =
                     serde_json::from_slice(raw).map_err(|_| corrupt("blob record", &key))?;
@@ -208,10 +226,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 if fresh(r.at, now, grace) {
                     return Ok(());
                 }
+                mark = r.mark;
             }
             let new = serde_json::to_vec(&BlobRecord {
                 at: now,
                 deleting: false,
+                mark,
             })
             .expect("serializes");
             if self.kv.compare_and_swap(&key, raw.as_deref(), &new).await? {
@@ -304,20 +324,23 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     pub async fn gc_step(&self) -> StoreResult<GcProgress> {
         let (raw, mut p) = self.load_progress().await?;
         let now = now_secs();
-        let mut sweep = Sweep {
-            dry: false,
-            now,
-            stats: GcStats::default(),
-            items: Vec::new(),
-            gone_links: HashSet::new(),
-        };
-        if p.phase == Phase::Idle {
+        if p.phase == Phase::Idle || !p.marks {
             p.generation += 1;
             p.phase = Phase::Uploads;
             p.cursor = None;
             p.started = now;
+            p.marks = true;
             p.stats = GcStats::default();
         }
+        let mut sweep = Sweep {
+            dry: false,
+            now,
+            started: p.started,
+            generation: p.generation,
+            stats: GcStats::default(),
+            items: Vec::new(),
+            marked: HashSet::new(),
+        };
         let (next_phase, cursor) = self.run_phase(p.phase, p.cursor.take(), &mut sweep).await?;
         add(&mut p.stats, &sweep.stats);
         p.cursor = cursor;
@@ -353,12 +376,15 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
     /// What a run would remove now, removing nothing and saving no state.
     pub async fn gc_dry_run(&self) -> StoreResult<GcReport> {
+        let now = now_secs();
         let mut sweep = Sweep {
             dry: true,
-            now: now_secs(),
+            now,
+            started: now,
+            generation: 0,
             stats: GcStats::default(),
             items: Vec::new(),
-            gone_links: HashSet::new(),
+            marked: HashSet::new(),
         };
         let mut phase = Phase::Uploads;
         let mut cursor = None;
@@ -398,24 +424,31 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 Ok((Phase::Repositories, None))
             }
             Phase::Repositories => {
+                // A page of catalog entries per listing, not one (a listing of one entry
+                // reads the catalog's directory whole on the directory host: quadratic).
                 let mut done = 0;
                 let mut cursor = cursor;
-                while done < budget {
+                loop {
                     let page = self
                         .kv
-                        .list(layout::catalog_prefix(), cursor.as_deref(), 1)
+                        .list(layout::catalog_prefix(), cursor.as_deref(), budget)
                         .await?;
-                    let Some(key) = page.into_iter().next() else {
-                        return Ok((Phase::Blobs, None));
-                    };
-                    let name = &key[layout::catalog_prefix().len()..];
-                    if let Ok(name) = RepoName::parse(name, usize::MAX) {
-                        done += self.collect_repository(&name, sweep).await?;
+                    let full = page.len() == budget;
+                    for key in page {
+                        let name = &key[layout::catalog_prefix().len()..];
+                        if let Ok(name) = RepoName::parse(name, usize::MAX) {
+                            done += self.collect_repository(&name, sweep).await?;
+                        }
+                        done += 1;
+                        cursor = Some(key);
+                        if done >= budget {
+                            return Ok((Phase::Repositories, cursor));
+                        }
                     }
-                    done += 1;
-                    cursor = Some(key);
+                    if !full {
+                        return Ok((Phase::Blobs, None));
+                    }
                 }
-                Ok((Phase::Repositories, cursor))
             }
             Phase::Blobs => {
                 let page = self
@@ -425,18 +458,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 if page.is_empty() {
                     return Ok((Phase::Idle, None));
                 }
-                // The catalog once per step: a blob is kept while any repository links it.
-                let repos: Vec<RepoName> = self
-                    .kv
-                    .list(layout::catalog_prefix(), None, usize::MAX)
-                    .await?
-                    .iter()
-                    .filter_map(|k| {
-                        RepoName::parse(&k[layout::catalog_prefix().len()..], usize::MAX).ok()
-                    })
-                    .collect();
                 for key in &page {
-                    self.collect_blob(key, &repos, sweep).await?;
+                    self.collect_blob(key, sweep).await?;
                 }
                 let last = page.last().cloned();
                 Ok(if page.len() < budget {
@@ -661,14 +684,13 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 continue;
             };
             let link = BlobLink::decode(&raw)?;
-            if !sweep.dry {
-                // Blobs stored before garbage collection existed have no record yet.
-                self.ensure_blob_record(&d, link.at).await?;
-            }
             if !link.gone && (wanted.contains(&d) || !old(link.at)) {
                 links_left += 1;
+                self.mark_blob(&d, link.at, true, sweep).await?;
                 continue;
             }
+            // Blobs stored before garbage collection existed have no record yet.
+            self.mark_blob(&d, link.at, false, sweep).await?;
             if link.gone {
                 // Claimed by a collector that stopped before deleting it.
                 if !sweep.dry {
@@ -679,15 +701,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             sweep.stats.links += 1;
             sweep.note(|| format!("link {name} -> {d}"));
             if sweep.dry {
-                sweep.gone_links.insert((name.to_string(), d));
                 continue;
             }
             let claimed = BlobLink { gone: true, ..link }.encode();
             if self.kv.compare_and_swap(&k, Some(&raw), &claimed).await? {
                 self.kv.delete(&k).await?;
             } else {
+                // Touched meanwhile by a push: live after all.
                 sweep.stats.links -= 1;
                 links_left += 1;
+                self.mark_blob(&d, link.at, true, sweep).await?;
             }
         }
 
@@ -698,6 +721,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 sweep.stats.repositories += 1;
                 sweep.note(|| format!("repository {name}"));
                 if !sweep.dry {
+                    // (Deleting the marker only makes the next delete by digest read every
+                    // tag; it is never wrong.)
+                    self.kv.delete(&layout::tagged_complete(name)).await?;
                     self.kv.delete(&layout::catalog(name)).await?;
                     // A push that wrote into it meanwhile may have found the catalog entry
                     // still there: look again, and put it back if the repository has content.
@@ -736,37 +762,68 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         if let Some(s) = &m.subject {
             self.kv.delete(&layout::referrer(name, s, d)).await?;
         }
+        // No tag points at it (or it would be live): its reverse entries are stale.
+        self.forget_tagged(name, d).await?;
         self.kv.delete(&layout::manifest(name, d)).await
     }
 
-    async fn ensure_blob_record(&self, d: &Digest, at: u64) -> StoreResult<()> {
-        let key = layout::gc_blob(d);
-        if self.kv.get(&key).await?.is_none() {
-            let v = serde_json::to_vec(&BlobRecord {
-                at,
-                deleting: false,
-            })
-            .expect("serializes");
-            // Lost to a concurrent touch: that one is newer.
-            self.kv.compare_and_swap(&key, None, &v).await?;
+    /// Gives blob `d`, met through a link of time `at`, a record if it has none (blobs stored
+    /// before garbage collection existed), marked with this run's generation if `live`.
+    async fn mark_blob(
+        &self,
+        d: &Digest,
+        at: u64,
+        live: bool,
+        sweep: &mut Sweep,
+    ) -> StoreResult<()> {
+        if sweep.dry {
+            if live {
+                sweep.marked.insert(d.clone());
+            }
+            return Ok(());
         }
+        let key = layout::gc_blob(d);
+        let mark = if live { sweep.generation } else { 0 };
+        for _ in 0..TOUCH_ATTEMPTS {
+            let raw = self.kv.get(&key).await?;
+            let new = match &raw {
+                None => BlobRecord {
+                    at,
+                    deleting: false,
+                    mark,
+                },
+                Some(raw) => {
+                    let r: BlobRecord =
+                        serde_json::from_slice(raw).map_err(|_| corrupt("blob record", &key))?;
+                    // Claimed: a link written since would have failed its touch, so this is
+                    // one the claiming run judged dead; the blob phase finishes the claim.
+                    if !live || r.deleting || r.mark == mark {
+                        return Ok(());
+                    }
+                    BlobRecord { mark, ..r }
+                }
+            };
+            let new = serde_json::to_vec(&new).expect("serializes");
+            // Lost to a concurrent touch (or mark): read again.
+            if self.kv.compare_and_swap(&key, raw.as_deref(), &new).await? {
+                return Ok(());
+            }
+        }
+        // Touched that often meanwhile: fresh, so the blob phase keeps it anyway.
         Ok(())
     }
 
-    /// Deletes the blob of record `key` if no repository links it and it is past the grace.
-    async fn collect_blob(
-        &self,
-        key: &str,
-        repos: &[RepoName],
-        sweep: &mut Sweep,
-    ) -> StoreResult<()> {
+    /// Deletes the blob of record `key` if this run did not mark it live and it was past the
+    /// grace when the run started.
+    async fn collect_blob(&self, key: &str, sweep: &mut Sweep) -> StoreResult<()> {
         let Some(d) = layout::digest_from_suffix(&key[layout::gc_blobs_prefix().len()..]) else {
             return Ok(());
         };
-        // Judged by the step's time, taken before the catalog was listed: a link in a
-        // repository created since then belongs to a push that touched the record after that
-        // time, so the record reads fresh (see the argument in docs/DESIGN.md).
-        let now = sweep.now;
+        // Judged by the run's start, taken before any repository was read: a link the
+        // repository phase did not see (written after it read that repository) belongs to a
+        // push that touched the record after that time, so the record reads fresh (see the
+        // argument in docs/DESIGN.md).
+        let started = sweep.started;
         let Some(raw) = self.kv.get(key).await? else {
             return Ok(());
         };
@@ -781,18 +838,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
             return Ok(());
         }
-        if r.at.saturating_add(self.config.gc.grace_secs) > now {
+        if r.at.saturating_add(self.config.gc.grace_secs) > started {
             return Ok(());
         }
-        for repo in repos {
-            if sweep.gone_links.contains(&(repo.to_string(), d.clone())) {
-                continue;
-            }
-            if let Some(v) = self.kv.get(&layout::blob_link(repo, &d)).await?
-                && !BlobLink::decode(&v)?.gone
-            {
-                return Ok(());
-            }
+        let live = if sweep.dry {
+            sweep.marked.contains(&d)
+        } else {
+            r.mark == sweep.generation
+        };
+        if live {
+            return Ok(());
         }
         let size = self.blobs.size(&data).await?.unwrap_or(0);
         sweep.stats.blobs += 1;
@@ -802,8 +857,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             return Ok(());
         }
         let claimed = serde_json::to_vec(&BlobRecord {
-            at: r.at,
             deleting: true,
+            ..r
         })
         .expect("serializes");
         if !self.kv.compare_and_swap(key, Some(&raw), &claimed).await? {

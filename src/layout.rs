@@ -26,6 +26,12 @@
 //!     │                                                        {"mediaType","subject"} then the
 //!     │                                                        manifest's exact bytes
 //!     ├── _manifests/tags/<tag>                               "<alg>:<hex>" of the tagged manifest
+//!     ├── _tagged/<alg>/<hex>/<tag>                           ""  tag <tag> was set to <alg>:<hex>
+//!     │                                                        (written before the tag; may be
+//!     │                                                        stale: the tag is checked)
+//!     ├── _tagged-complete                                    ""  every tag has its _tagged entry
+//!     │                                                        (so a delete by digest lists
+//!     │                                                        them, not every tag)
 //!     ├── _referrers/<alg>/<hex>/<ref-alg>/<ref-hex>          descriptor (JSON) of a manifest in
 //!     │                                                        <name> whose subject is <alg>:<hex>
 //!     ├── _uploads/<uuid>                                     upload session (JSON): algorithm,
@@ -114,6 +120,26 @@ pub fn tags_prefix(name: &RepoName) -> String {
 
 pub fn tag(name: &RepoName, tag: &Tag) -> String {
     format!("{}{tag}", tags_prefix(name))
+}
+
+/// The tags set to manifest `digest` (a reverse index, so deleting a manifest finds its tags
+/// without reading every tag of the repository).
+pub fn tagged_prefix(name: &RepoName, digest: &Digest) -> String {
+    format!(
+        "{}/_tagged/{}/{}/",
+        repo(name),
+        digest.algorithm().as_str(),
+        digest.hex()
+    )
+}
+
+pub fn tagged(name: &RepoName, digest: &Digest, tag: &Tag) -> String {
+    format!("{}{tag}", tagged_prefix(name, digest))
+}
+
+/// Present once every tag of `name` has its `_tagged` entry.
+pub fn tagged_complete(name: &RepoName) -> String {
+    format!("{}/_tagged-complete", repo(name))
 }
 
 pub fn referrers_prefix(name: &RepoName, subject: &Digest) -> String {
@@ -259,6 +285,13 @@ pub fn listing_of(key: &str) -> Option<&str> {
         return (!tag.is_empty() && !tag.contains('/'))
             .then(|| &key[..len + "_manifests/tags/".len()]);
     }
+    if let Some(r) = after.strip_prefix("_tagged/") {
+        // <alg>/<hex>/<tag>: the listing is of one manifest's tags.
+        let mut parts = r.splitn(3, '/');
+        let (alg, hex, tag) = (parts.next()?, parts.next()?, parts.next()?);
+        return (!tag.is_empty() && !tag.contains('/'))
+            .then(|| &key[..len + "_tagged/".len() + alg.len() + hex.len() + 2]);
+    }
     if let Some(r) = after.strip_prefix("_referrers/") {
         // <alg>/<hex>/<ref-alg>/<ref-hex>: the listing is of one subject.
         let mut parts = r.splitn(3, '/');
@@ -323,12 +356,17 @@ mod tests {
             Some(tags_prefix(&name).as_str())
         );
         assert_eq!(
+            listing_of(&tagged(&name, &d, &tag)),
+            Some(tagged_prefix(&name, &d).as_str())
+        );
+        assert_eq!(
             listing_of(&referrer(&name, &d, &r)),
             Some(referrers_prefix(&name, &d).as_str())
         );
         for unlisted in [
             manifest(&name, &d),
             blob_link(&name, &d),
+            tagged_complete(&name),
             upload_index(
                 5,
                 &UploadId::parse("01234567-89ab-cdef-0123-456789abcdef").unwrap(),

@@ -490,9 +490,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         // indexes (`IndexedKv`) the write is what puts a tag left unlisted by a failed earlier
         // attempt into its listing (tests/faults.rs replays after every fault).
         for t in path_tag.into_iter().chain(&extra_tags) {
-            self.kv
-                .set(&layout::tag(name, t), digest_s.as_bytes())
-                .await?;
+            self.set_tag(name, t, &digest).await?;
         }
         // Likewise the catalog entry, written and not only ensured: a repository whose first
         // push failed between its catalog write and the index update is listed again by the
@@ -540,15 +538,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 };
                 // The tags that point at it go too (distribution-spec, "Deleting Manifests").
                 // Tags first and the record last, so an interrupted delete can be retried.
-                let prefix = layout::tags_prefix(name);
-                let want = d.to_string();
-                // One listing of every tag: a loop of pages would re-read the tags directory
-                // (the local-directory host) for each page.
-                for k in self.kv.list(&prefix, None, usize::MAX).await? {
-                    if self.kv.get(&k).await?.as_deref() == Some(want.as_bytes()) {
-                        self.kv.delete(&k).await?;
-                    }
-                }
+                self.untag_manifest(name, &d).await?;
                 if let Some(subject) = &m.subject {
                     self.kv.delete(&layout::referrer(name, subject, &d)).await?;
                 }
@@ -556,6 +546,88 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         }
         Ok(empty_response(StatusCode::ACCEPTED, &[]))
+    }
+}
+
+impl<K: KeyValue, B: BlobStore> Registry<K, B> {
+    /// Sets tag `t` of `name` to `digest`: its reverse entry (`_tagged`) first, so a tag never
+    /// points at a manifest without one. Every tag write goes through here. A retag to the
+    /// manifest the tag already names (CI) costs a read, not a second write (an fsync on the
+    /// directory host): that tag's entry was written, completely, before the tag was.
+    pub(crate) async fn set_tag(
+        &self,
+        name: &RepoName,
+        t: &Tag,
+        digest: &Digest,
+    ) -> std::result::Result<(), StoreError> {
+        let key = layout::tag(name, t);
+        let value = digest.to_string();
+        if self.kv.get(&key).await?.as_deref() != Some(value.as_bytes()) {
+            self.kv.set(&layout::tagged(name, digest, t), b"").await?;
+        }
+        self.kv.set(&key, value.as_bytes()).await
+    }
+
+    /// Deletes the tags of `name` that point at `digest`, and the manifest's reverse entries:
+    /// a listing of its own entries (each checked against the tag, since a tag that moved on
+    /// leaves its old entry behind), so a delete costs the manifest's tags, not the
+    /// repository's. A repository whose tags predate the entries is read whole once, its
+    /// missing entries written, and then marked complete.
+    pub(crate) async fn untag_manifest(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> std::result::Result<(), StoreError> {
+        let want = digest.to_string();
+        if self.kv.get(&layout::tagged_complete(name)).await?.is_none() {
+            let prefix = layout::tags_prefix(name);
+            // One listing of every tag: a loop of pages would re-read the tags directory
+            // (the local-directory host) for each page.
+            for k in self.kv.list(&prefix, None, usize::MAX).await? {
+                let Some(v) = self.kv.get(&k).await? else {
+                    continue;
+                };
+                if v == want.as_bytes() {
+                    self.kv.delete(&k).await?;
+                    continue;
+                }
+                let (Ok(t), Some(d)) = (
+                    Tag::parse(&k[prefix.len()..]),
+                    std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|s| Digest::parse(s).ok()),
+                ) else {
+                    continue;
+                };
+                let entry = layout::tagged(name, &d, &t);
+                if self.kv.get(&entry).await?.is_none() {
+                    self.kv.set(&entry, b"").await?;
+                }
+            }
+            self.kv.set(&layout::tagged_complete(name), b"").await?;
+        } else {
+            let tagged = layout::tagged_prefix(name, digest);
+            for e in self.kv.list(&tagged, None, usize::MAX).await? {
+                let k = layout::tags_prefix(name) + &e[tagged.len()..];
+                if self.kv.get(&k).await?.as_deref() == Some(want.as_bytes()) {
+                    self.kv.delete(&k).await?;
+                }
+            }
+        }
+        self.forget_tagged(name, digest).await
+    }
+
+    /// Deletes the reverse entries of manifest `digest` (once its tags are gone).
+    pub(crate) async fn forget_tagged(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> std::result::Result<(), StoreError> {
+        let tagged = layout::tagged_prefix(name, digest);
+        for e in self.kv.list(&tagged, None, usize::MAX).await? {
+            self.kv.delete(&e).await?;
+        }
+        Ok(())
     }
 }
 

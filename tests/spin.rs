@@ -1739,3 +1739,221 @@ async fn assert_streamed_transfer_fails(http: &reqwest::Client, url: &str, len: 
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Garbage collection: the admin request under `spin up`
+
+/// Every key of the store `spin` runs on: Redis's `KEYS *`, or the rows of Spin's SQLite
+/// key-value database in the state directory (read with Python's sqlite3, read-only).
+fn store_keys(spin: &Spin, store: Store) -> Vec<String> {
+    if store == Store::Redis {
+        return spin.redis_keys();
+    }
+    let db = spin._state.path().join("sqlite_key_value.db");
+    assert!(db.is_file(), "no {}", db.display());
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)\n\
+             for (k,) in c.execute('select key from spin_key_value'): print(k)",
+        )
+        .arg(&db)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `POST /v2/_dockside/gc` end to end under `spin up`, settings from the Spin variable
+/// `gc_config` (no grace, 3 keys a step, so a run takes several requests, each on a fresh
+/// instance, resuming from the state in the store): an anonymous caller gets 401 and a
+/// pull-only user 403, both in the error envelope; the admin steps until the run is done; the
+/// deleted image's blobs are gone from the store (their chunk keys too), the other image
+/// pulls byte for byte.
+async fn gc_admin_request(store: Store) {
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let auth = format!(
+        r#"
+[auth]
+service = "edge"
+
+[[auth.users]]
+name = "admin"
+password_hash = "{hash}"
+
+[[auth.users]]
+name = "reader"
+password_hash = "{hash}"
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["admin"]
+actions = ["pull", "push", "delete"]
+
+[[auth.rules]]
+repositories = ["**"]
+users = ["reader"]
+actions = ["pull"]
+"#
+    );
+    let spin = Spin::start(
+        store,
+        &[
+            ("auth_config", auth),
+            ("auth_secret", AUTH_SECRET.to_owned()),
+            ("gc_config", "grace_secs = 0\nstep_items = 3\n".to_owned()),
+        ],
+    )
+    .await;
+    let base = spin.base();
+    let http = common::client();
+    let admin = |r: reqwest::RequestBuilder| r.basic_auth("admin", Some("pw"));
+
+    // Two images of a config and a layer each, nothing shared.
+    let mut images = Vec::new();
+    for name in ["gone", "kept"] {
+        let mut descs = Vec::new();
+        for (part, len) in [("config", 300), ("layer", 50_000)] {
+            let mut data = format!("{name} {part} ").into_bytes();
+            data.extend(pseudo_random(len, name.len() as u64));
+            let d = sha256_digest(&data);
+            let r = admin(http.post(format!("{base}/v2/team/app/blobs/uploads/?digest={d}")))
+                .header("content-type", "application/octet-stream")
+                .body(data.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+            descs.push((d, data));
+        }
+        let m = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": descs[0].0, "size": descs[0].1.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": descs[1].0, "size": descs[1].1.len()}],
+        }))
+        .unwrap();
+        let md = sha256_digest(&m);
+        let r = admin(http.put(format!("{base}/v2/team/app/manifests/{name}")))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(m.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        images.push((md, m, descs));
+    }
+    let r = admin(http.delete(format!("{base}/v2/team/app/manifests/{}", images[0].0)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let object = |d: &str| {
+        let (alg, hex) = d.split_once(':').unwrap();
+        format!("kvblob/obj/blobs/{alg}/{}/{hex}", &hex[..2])
+    };
+    let keys = store_keys(&spin, store);
+    for (d, _) in &images[0].2 {
+        assert!(keys.iter().any(|k| k.ends_with(&object(d))), "{keys:?}");
+    }
+    let chunks_before = keys.iter().filter(|k| k.contains("kvblob/chunk/")).count();
+
+    // Refused: anonymous (401, with the challenge), a pull-only user (403).
+    let gc = format!("{base}/v2/_dockside/gc");
+    let r = http.post(&gc).send().await.unwrap();
+    assert!(r.headers().contains_key("www-authenticate"));
+    let (status, code, _) = envelope_code(r).await;
+    assert_eq!((status, code.as_str()), (401, "UNAUTHORIZED"));
+    let r = http
+        .post(&gc)
+        .basic_auth("reader", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = envelope_code(r).await;
+    assert_eq!((status, code.as_str()), (403, "DENIED"));
+
+    // The grace is 0, judged by whole seconds: let the pushes' second pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut steps = 0;
+    let last = loop {
+        steps += 1;
+        assert!(steps < 200, "the run never finished");
+        let r = admin(http.post(&gc)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let p: serde_json::Value = r.json().await.unwrap();
+        if p["phase"] == "idle" {
+            break p["last"].clone();
+        }
+    };
+    assert!(steps > 1, "3 keys a step: a run takes several requests");
+    assert_eq!(last["blobs"], 2, "{last}");
+    assert_eq!(last["links"], 2, "{last}");
+    let total: usize = images[0].2.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(last["bytes"], total, "{last}");
+    // The state reads back the same.
+    let r = admin(http.get(&gc)).send().await.unwrap();
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["phase"], "idle");
+    assert_eq!(p["last"], last);
+
+    // The bytes are gone from the store: the objects and their chunks.
+    let keys = store_keys(&spin, store);
+    for (d, _) in &images[0].2 {
+        assert!(
+            !keys.iter().any(|k| k.ends_with(&object(d))),
+            "{d} still stored"
+        );
+    }
+    for (d, _) in &images[1].2 {
+        assert!(keys.iter().any(|k| k.ends_with(&object(d))), "{d} lost");
+    }
+    let chunks_after = keys.iter().filter(|k| k.contains("kvblob/chunk/")).count();
+    assert!(
+        chunks_after < chunks_before,
+        "chunks: {chunks_before} before, {chunks_after} after"
+    );
+    // The survivor pulls byte for byte; the deleted image's blobs do not.
+    let r = admin(http.get(format!("{base}/v2/team/app/manifests/kept")))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), images[1].1);
+    for (d, data) in &images[1].2 {
+        let r = admin(http.get(format!("{base}/v2/team/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.unwrap()[..] == data[..], "{d}");
+    }
+    for (d, _) in &images[0].2 {
+        let r = admin(http.get(format!("{base}/v2/team/app/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        let (status, code, _) = envelope_code(r).await;
+        assert_eq!((status, code.as_str()), (404, "BLOB_UNKNOWN"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_admin_request_sqlite() {
+    gc_admin_request(Store::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_admin_request_redis() {
+    gc_admin_request(Store::Redis).await;
+}

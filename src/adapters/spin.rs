@@ -273,6 +273,7 @@ const VARIABLES: &[(&str, &str)] = &[
     ),
     ("DOCKSIDE_UPLOAD_EXPIRY_SECS", "upload_expiry_secs"),
     ("DOCKSIDE_BLOB_REDIRECT", "blob_redirect"),
+    ("DOCKSIDE_GC_CONFIG", "gc_config"),
 ];
 
 /// The configuration from Spin variables. A variable the manifest does not declare is unset.

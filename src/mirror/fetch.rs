@@ -246,9 +246,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             )
             .await?;
         if let Some(tag) = tag {
-            self.kv
-                .set(&layout::tag(name, tag), digest.to_string().as_bytes())
-                .await?;
+            self.set_tag(name, tag, &digest).await?;
             self.record_tag(name, tag, &digest, crate::auth::now_secs())
                 .await?;
         }
@@ -273,6 +271,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         if self.blob_link(name, &digest).await?.is_some() {
             return self.get_blob(name, digest_s, headers, head).await;
         }
+        // Its `gc/blobs` record, touched before the store is asked for the content and the
+        // link written, as a push's commit does (`crate::gc`, the race with a push).
+        self.touch_blob(&digest).await?;
         let path = format!("/v2/{}/blobs/{digest}", t.remote);
         let data = layout::blob_data(&digest);
         // Here already (another repository, or a fetch that did not link): only linked once

@@ -1,0 +1,151 @@
+//! Garbage collection of what a pull-through mirror stored: a blob fetched from the upstream
+//! gets its `gc/blobs` record when it arrives (as a pushed blob does), so the collector finds
+//! it once nothing references it, and keeps what a cached image still needs. Real servers on
+//! loopback (an upstream `dockside serve`, a mirror `dockside serve --mirror-config`), then
+//! `dockside gc` on the mirror's directory; the stores are read back to see the bytes gone.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, client, pseudo_random, sha256_digest};
+use dockside::{BlobStore, FsBlobs, FsKv, KeyValue};
+use serde_json::json;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Pushes an image of a config and one layer to `base`; returns the layer's digest and bytes.
+async fn seed(http: &reqwest::Client, base: &str, repo: &str, tag: &str, seed: u64) -> String {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
+    let layer = pseudo_random(50_000, seed);
+    let mut descs = Vec::new();
+    for data in [&config, &layer] {
+        let d = sha256_digest(data);
+        let r = http
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        descs.push(
+            json!({"mediaType": "application/octet-stream", "digest": d, "size": data.len()}),
+        );
+    }
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descs[0], "layers": [descs[1]],
+    }))
+    .unwrap();
+    let r = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", OCI_MANIFEST)
+        .body(m)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    sha256_digest(&layer)
+}
+
+fn record_key(digest: &str) -> String {
+    format!("gc/blobs/{}", digest.replacen(':', "/", 1))
+}
+
+fn blob_path(digest: &str) -> String {
+    dockside::layout::blob_data(&dockside::Digest::parse(digest).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrored_blobs_are_recorded_and_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = Server::builder().start();
+    let ub = up.base_url();
+    let kept = seed(&http, &ub, "library/app", "v1", 1).await;
+    let loose = seed(&http, &ub, "library/other", "v1", 2).await;
+
+    let data = tmp.path().join("mirror");
+    std::fs::create_dir_all(&data).unwrap();
+    let conf = tmp.path().join("mirror.toml");
+    std::fs::write(&conf, format!("[[upstream]]\nurl = \"{ub}\"\n")).unwrap();
+    let mirror = Server::builder()
+        .arg("--mirror-config")
+        .arg(&conf)
+        .data_dir(&data)
+        .start();
+    let mb = mirror.base_url();
+    // An image through the mirror (its manifest by tag, then its layer), and a layer of
+    // another image by digest alone, which no cached manifest references.
+    let r = http
+        .get(format!("{mb}/v2/library/app/manifests/v1"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for (repo, d) in [("library/app", &kept), ("library/other", &loose)] {
+        let r = http
+            .get(format!("{mb}/v2/{repo}/blobs/{d}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256_digest(&r.bytes().await.unwrap()), *d);
+    }
+    mirror.stop();
+
+    // Both have their record before any collection ran.
+    let kv = FsKv::new(data.join("kv")).unwrap();
+    let blobs = FsBlobs::new(&data).unwrap();
+    for d in [&kept, &loose] {
+        assert!(
+            kv.get(&record_key(d)).await.unwrap().is_some(),
+            "{d}: no record"
+        );
+        assert!(blobs.size(&blob_path(d)).await.unwrap().is_some());
+    }
+
+    // No grace, judged by whole seconds: let the fetches' second pass.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let gc_conf = tmp.path().join("gc.toml");
+    std::fs::write(&gc_conf, "grace_secs = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
+        .arg("gc")
+        .arg("--data")
+        .arg(&data)
+        .arg("--gc-config")
+        .arg(&gc_conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .expect("the counts as JSON"),
+    )
+    .unwrap();
+    assert_eq!(stats["blobs"], 1, "{stats}");
+
+    // The loose layer's bytes and record are gone; the cached image's layer stays.
+    assert!(blobs.size(&blob_path(&loose)).await.unwrap().is_none());
+    assert!(kv.get(&record_key(&loose)).await.unwrap().is_none());
+    assert!(blobs.size(&blob_path(&kept)).await.unwrap().is_some());
+    // And the mirror, restarted on the same directory, serves it from there.
+    let mirror = Server::builder()
+        .arg("--mirror-config")
+        .arg(&conf)
+        .data_dir(&data)
+        .start();
+    let r = http
+        .get(format!("{}/v2/library/app/blobs/{kept}", mirror.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), kept);
+}
