@@ -161,8 +161,9 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
         let registry = registry.clone();
         let count = served.clone();
         // A panic inside lambda_runtime's loop (1.5.0 panics when a `/next` answer lacks its
-        // request-id header, which `cargo lambda watch` sends after a lost connection) ends
-        // this loop, not the function: it is caught here and the loop started again below.
+        // request-id header: `cargo lambda watch` answers a `/next` that waited past its
+        // `--timeout` with a bare 408) ends this loop, not the function: it is caught here and
+        // the loop started again below. (It needs `panic = "unwind"`: see Cargo.toml.)
         let mut looping = std::pin::pin!(async move {
             match mode {
                 ResponseMode::Stream => {
