@@ -31,6 +31,7 @@ use lambda_http::{RequestExt, service_fn};
 use crate::adapters::remote;
 use crate::adapters::server::{ServedRegistry, ServerBlobs, ServerKv};
 use crate::error::{Error, ErrorCode};
+use crate::observe::AccessRecord;
 use crate::{ClientAddr, Config, Registry};
 
 /// Default `OCI-Chunk-Max-Length`: 4 MiB, 5.6 MB once base64-encoded in the event, under
@@ -160,29 +161,37 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
         let registry = registry.clone();
         let count = served.clone();
         // A panic inside lambda_runtime's loop (1.5.0 panics when a `/next` answer lacks its
-        // request-id header, which `cargo lambda watch` sends after a lost connection) ends
-        // this loop, not the function: it is caught here and the loop started again below.
+        // request-id header: `cargo lambda watch` answers a `/next` that waited past its
+        // `--timeout` with a bare 408) ends this loop, not the function: it is caught here and
+        // the loop started again below. (It needs `panic = "unwind"`: see Cargo.toml.)
         let mut looping = std::pin::pin!(async move {
             match mode {
-            ResponseMode::Stream => {
-                lambda_http::run_with_streaming_response(service_fn(move |req| {
-                    let registry = registry.clone();
-                    count.fetch_add(1, Ordering::Relaxed);
-                    async move { Ok::<_, lambda_http::Error>(registry.handle(to_core(req)).await) }
-                }))
-                .await
-            }
-            ResponseMode::Buffered => {
-                lambda_http::run(service_fn(move |req| {
-                    let registry = registry.clone();
-                    count.fetch_add(1, Ordering::Relaxed);
-                    async move {
-                        let resp = registry.handle(to_core(req)).await;
-                        Ok::<_, lambda_http::Error>(buffered(resp).await)
-                    }
-                }))
-                .await
-            }
+                ResponseMode::Stream => {
+                    lambda_http::run_with_streaming_response(service_fn(move |req| {
+                        let registry = registry.clone();
+                        count.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            let access = Access::of(&req);
+                            let resp = registry.handle(to_core(req)).await;
+                            access.log(&resp);
+                            Ok::<_, lambda_http::Error>(resp)
+                        }
+                    }))
+                    .await
+                }
+                ResponseMode::Buffered => {
+                    lambda_http::run(service_fn(move |req| {
+                        let registry = registry.clone();
+                        count.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            let access = Access::of(&req);
+                            let resp = buffered(registry.handle(to_core(req)).await).await;
+                            access.log(&resp);
+                            Ok::<_, lambda_http::Error>(resp)
+                        }
+                    }))
+                    .await
+                }
             }
         });
         let ended = std::future::poll_fn(|cx| {
@@ -206,6 +215,36 @@ pub async fn run(registry: ServedRegistry, mode: ResponseMode) -> Result<(), lam
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// What the access record needs of a request, taken before the core consumes it.
+struct Access {
+    start: std::time::Instant,
+    method: http::Method,
+    path: String,
+    headers: http::HeaderMap,
+}
+
+impl Access {
+    fn of(req: &lambda_http::Request) -> Access {
+        Access {
+            start: std::time::Instant::now(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    /// One JSON line on stderr per invocation (route class, status, latency, bytes, failures),
+    /// as the components write theirs: CloudWatch keeps stderr, and it is the function's
+    /// metrics. Buffered answers are timed once collected.
+    fn log<B>(&self, resp: &http::Response<B>) {
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        eprintln!(
+            "{}",
+            AccessRecord::of(&self.method, &self.path, &self.headers, resp, ms).to_json()
+        );
     }
 }
 

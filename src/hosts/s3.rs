@@ -61,6 +61,9 @@ pub struct S3Config {
     pub region: String,
     pub access_key: String,
     pub secret_key: String,
+    /// The session token of temporary credentials (a role's, as Lambda and ECS hand them out):
+    /// every request and presigned URL then carries it as `X-Amz-Security-Token`, signed.
+    pub session_token: Option<String>,
     /// Path-style URLs (`endpoint/bucket/key`, what MinIO and Garage expect by default) rather
     /// than virtual-hosted ones (`bucket.endpoint/key`, AWS's default).
     pub path_style: bool,
@@ -72,8 +75,10 @@ pub struct S3Config {
 impl S3Config {
     /// Parses `s3://<bucket>[/<prefix>]?endpoint=<url>&region=<r>[&style=path|virtual]
     /// [&part_size=<bytes>]`, with the credentials from `get` (`AWS_ACCESS_KEY_ID`,
-    /// `AWS_SECRET_ACCESS_KEY`, or `DOCKSIDE_S3_ACCESS_KEY` / `DOCKSIDE_S3_SECRET_KEY`, which
-    /// win). `region` defaults to `us-east-1`, the style to path-style (self-hosted stores).
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or `DOCKSIDE_S3_ACCESS_KEY` /
+    /// `DOCKSIDE_S3_SECRET_KEY` / `DOCKSIDE_S3_SESSION_TOKEN`, which win; a token is taken
+    /// from the same family as the access key). `region` defaults to `us-east-1`, the style
+    /// to path-style (self-hosted stores).
     pub fn from_url(url: &str, get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let rest = url
             .strip_prefix("s3://")
@@ -122,6 +127,13 @@ impl S3Config {
         let secret_key = get("DOCKSIDE_S3_SECRET_KEY")
             .or_else(|| get("AWS_SECRET_ACCESS_KEY"))
             .ok_or("no S3 secret key: set DOCKSIDE_S3_SECRET_KEY or AWS_SECRET_ACCESS_KEY")?;
+        // A token belongs to the keys it was issued with: the role's AWS_SESSION_TOKEN is not
+        // sent with a key of one's own.
+        let session_token = match get("DOCKSIDE_S3_ACCESS_KEY") {
+            Some(_) => get("DOCKSIDE_S3_SESSION_TOKEN"),
+            None => get("AWS_SESSION_TOKEN"),
+        }
+        .filter(|t| !t.trim().is_empty());
         let prefix = prefix.trim_matches('/');
         Ok(S3Config {
             endpoint,
@@ -129,6 +141,7 @@ impl S3Config {
             region,
             access_key,
             secret_key,
+            session_token,
             path_style,
             prefix: if prefix.is_empty() {
                 String::new()
@@ -222,7 +235,10 @@ impl<C: HttpClient> S3Blobs<C> {
         Ok(S3Blobs {
             client,
             bucket,
-            credentials: Credentials::new(&config.access_key, &config.secret_key),
+            credentials: match &config.session_token {
+                Some(t) => Credentials::new_with_token(&config.access_key, &config.secret_key, t),
+                None => Credentials::new(&config.access_key, &config.secret_key),
+            },
             prefix: config.prefix.clone(),
             part_size: config.part_size.max(MIN_PART_SIZE),
         })

@@ -16,6 +16,21 @@ use super::{pseudo_random, sha256_digest};
 /// pulled back byte for byte, its tags listed, a referrer pushed and found through the
 /// referrers API, the error envelope, a ranged read and a HEAD.
 pub async fn push_and_pull(addr: &str) {
+    push_and_pull_checking(addr, HeadLength::Exact).await
+}
+
+/// What the scenario's final HEAD of a blob must say about the blob's length.
+#[allow(dead_code)]
+pub enum HeadLength {
+    /// `Content-Length` is the blob's length (the spec's HEAD).
+    Exact,
+    /// The host moves the answer's `Content-Length` to `x-amzn-Remapped-Content-Length`, as
+    /// Lambda function URLs do with streamed answers (and `cargo lambda watch` after them).
+    Remapped,
+}
+
+/// [`push_and_pull`], with the HEAD's length checked as `head` says.
+pub async fn push_and_pull_checking(addr: &str, head: HeadLength) {
     let base = format!("http://{addr}");
     let http = super::client();
 
@@ -175,10 +190,22 @@ pub async fn push_and_pull(addr: &str) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.headers()["content-length"].to_str().unwrap(),
-        layer0.len().to_string()
-    );
+    assert_eq!(r.headers()["docker-content-digest"], d0.as_str());
+    match head {
+        HeadLength::Exact => assert_eq!(
+            r.headers()["content-length"].to_str().unwrap(),
+            layer0.len().to_string()
+        ),
+        HeadLength::Remapped => {
+            assert_eq!(
+                r.headers()["x-amzn-remapped-content-length"]
+                    .to_str()
+                    .unwrap(),
+                layer0.len().to_string()
+            );
+            assert!(r.headers().get("content-length").is_none());
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
