@@ -111,6 +111,34 @@ pub(crate) fn references_of(m: &StoredManifest) -> Vec<(Digest, bool)> {
         .unwrap_or_default()
 }
 
+/// The referrers-list descriptor of a manifest with a `subject`: the subject, and the
+/// descriptor as stored under it (distribution-spec, "Listing Referrers").
+fn referrer_entry(parsed: &Parsed, bytes: &[u8], digest: &Digest) -> Option<(Digest, Vec<u8>)> {
+    let subject = parsed.subject.clone()?;
+    let mut d = serde_json::json!({
+        "mediaType": parsed.media_type,
+        "digest": digest.to_string(),
+        "size": bytes.len(),
+    });
+    if let Some(at) = &parsed.artifact_type {
+        d["artifactType"] = Value::String(at.clone());
+    }
+    if let Some(a) = &parsed.annotations {
+        d["annotations"] = Value::Object(a.clone());
+    }
+    Some((subject, serde_json::to_vec(&d).expect("serializes")))
+}
+
+/// [`referrer_entry`] of stored bytes (a mirrored manifest); `None` when it has no subject or
+/// does not validate.
+pub(crate) fn referrer_entry_of(
+    bytes: &[u8],
+    media_type: &str,
+    digest: &Digest,
+) -> Option<(Digest, Vec<u8>)> {
+    referrer_entry(&validate(bytes, media_type).ok()?, bytes, digest)
+}
+
 /// What a manifest references, as found by [`validate`].
 enum Reference {
     Blob { digest: Digest, size: u64 },
@@ -462,23 +490,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 )
                 .await?;
         }
-        if let Some(subject) = &parsed.subject {
-            let mut d = serde_json::json!({
-                "mediaType": parsed.media_type,
-                "digest": digest.to_string(),
-                "size": bytes.len(),
-            });
-            if let Some(at) = &parsed.artifact_type {
-                d["artifactType"] = Value::String(at.clone());
-            }
-            if let Some(a) = &parsed.annotations {
-                d["annotations"] = Value::Object(a.clone());
-            }
+        if let Some((subject, d)) = referrer_entry(&parsed, &bytes, &digest) {
             self.kv
-                .set(
-                    &layout::referrer(name, subject, &digest),
-                    &serde_json::to_vec(&d).expect("serializes"),
-                )
+                .set(&layout::referrer(name, &subject, &digest), &d)
                 .await?;
         }
         let digest_s = digest.to_string();

@@ -554,6 +554,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 let t = target(name)?;
                 Some(self.mirror_blob(&t, digest, h, head, early).await)
             }
+            Route::Tags(name) if *m == Method::GET => {
+                let t = target(name)?;
+                Some(self.mirror_tags_list(&t, name, q).await)
+            }
+            Route::Referrers(name, digest) if *m == Method::GET => {
+                let t = target(name)?;
+                Some(self.mirror_referrers(&t, name, digest, q).await)
+            }
             Route::Manifest(name, _)
             | Route::Blob(name, _)
             | Route::UploadStart(name)

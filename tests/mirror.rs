@@ -592,3 +592,192 @@ async fn ten_concurrent_pulls_of_one_large_layer_fetch_it_once() {
         "one upstream fetch for ten clients"
     );
 }
+
+/// GETs `url` (with Basic credentials if given): status, headers, body.
+async fn list_get(
+    http: &reqwest::Client,
+    url: &str,
+    auth: Option<(&str, &str)>,
+) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut r = http.get(url);
+    if let Some((u, p)) = auth {
+        r = r.basic_auth(u, Some(p));
+    }
+    let r = r.send().await.unwrap();
+    let (s, h) = (r.status(), r.headers().clone());
+    (s, h, r.bytes().await.unwrap().to_vec())
+}
+
+fn header(h: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    h.get(name).map(|v| v.to_str().unwrap().to_owned())
+}
+
+fn tags_of(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    serde_json::from_value(v["tags"].clone()).unwrap()
+}
+
+fn referrer_digests(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    v["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The tags list and the referrers list of a mirrored repository are the upstream's (what was
+/// added there after the mirror cached the repository shows at once), paginated under the
+/// mirror's names; with the upstream gone, the cached lists answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(true, tmp.path());
+    let ub = up.base_url();
+    let admin = Some(("admin", "admin-pw"));
+    let seeder = Seeder {
+        http: http.clone(),
+        base: ub.clone(),
+        auth: admin,
+    };
+    let (index, _) = seeder.image("team/app", "v1", 3).await;
+    let subject = sha256_digest(&index);
+    let config = format!(
+        "tag_ttl_secs = 1\n[[upstream]]\nurl = \"{ub}\"\nprefix = \"hub/\"\n\
+         username = \"alice\"\npassword = \"alice-pw\"\n"
+    );
+    let mirror = start_mirror(&config, tmp.path(), None);
+    let mb = mirror.base_url();
+    let (s, _, _, _) = get(&http, &mb, "/v2/hub/team/app/manifests/v1", &[]).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Added upstream after the subject was cached: a signature and two tags.
+    let empty = seeder.blob("team/app", b"{}".to_vec()).await;
+    let empty_desc =
+        json!({"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2});
+    let sig = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.sig",
+        "config": empty_desc,
+        "layers": [empty_desc],
+        "subject": {"mediaType": OCI_INDEX, "digest": subject, "size": index.len()},
+    }))
+    .unwrap();
+    let sig_d = seeder
+        .manifest("team/app", &sha256_digest(&sig), OCI_MANIFEST, &sig)
+        .await;
+    for tag in ["v2", "v3"] {
+        seeder.manifest("team/app", tag, OCI_INDEX, &index).await;
+    }
+
+    // Referrers: the upstream's body and Content-Type, its filtering said.
+    let rpath = format!("/team/app/referrers/{subject}");
+    let (s, h, body) = list_get(&http, &format!("{mb}/v2/hub{rpath}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (us, uh, ubody) = list_get(&http, &format!("{ub}/v2{rpath}"), admin).await;
+    assert_eq!(us, StatusCode::OK);
+    assert_eq!(body, ubody);
+    assert_eq!(header(&h, "content-type"), header(&uh, "content-type"));
+    assert_eq!(header(&h, "content-type").as_deref(), Some(OCI_INDEX));
+    assert_eq!(referrer_digests(&body), vec![sig_d.clone()]);
+    for (artifact, want) in [
+        ("application/vnd.example.sig", vec![sig_d.clone()]),
+        ("application/vnd.example.other", vec![]),
+    ] {
+        let (s, h, body) = list_get(
+            &http,
+            &format!("{mb}/v2/hub{rpath}?artifactType={artifact}"),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            header(&h, "oci-filters-applied").as_deref(),
+            Some("artifactType")
+        );
+        assert_eq!(referrer_digests(&body), want);
+    }
+    // Pulled through, the signature is cached with its subject (the offline list below).
+    let (s, _, _, b) = get(
+        &http,
+        &mb,
+        &format!("/v2/hub/team/app/manifests/{sig_d}"),
+        &[],
+    )
+    .await;
+    assert_eq!((s, b), (StatusCode::OK, sig.clone()));
+
+    // Tags: the upstream's list, whole and by pages, the Link under the mirror's name.
+    let (s, _, body) = list_get(&http, &format!("{mb}/v2/hub/team/app/tags/list"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, _, ubody) = list_get(&http, &format!("{ub}/v2/team/app/tags/list"), admin).await;
+    assert_eq!(body, ubody);
+    assert_eq!(tags_of(&body), ["v1", "v2", "v3"]);
+    let (s, h, body) = list_get(&http, &format!("{mb}/v2/hub/team/app/tags/list?n=2"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(tags_of(&body), ["v1", "v2"]);
+    let link = header(&h, "link").expect("a Link to the next page");
+    assert_eq!(
+        link,
+        "</v2/hub/team/app/tags/list?n=2&last=v2>; rel=\"next\""
+    );
+    let next = &link[1..link.find('>').unwrap()];
+    let (s, h, body) = list_get(&http, &format!("{mb}{next}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(tags_of(&body), ["v3"]);
+    assert_eq!(header(&h, "link"), None);
+    // containerd's form: the upstream's name and ?ns=, kept in the Link.
+    let ns = up.addr().to_string();
+    let (s, h, body) = list_get(
+        &http,
+        &format!("{mb}/v2/team/app/tags/list?n=1&last=v1&ns={ns}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(tags_of(&body), ["v2"]);
+    let link = header(&h, "link").unwrap();
+    assert!(
+        link.starts_with("</v2/team/app/tags/list?n=1&last=v2&ns=127.0.0.1"),
+        "{link}"
+    );
+    let next = &link[1..link.find('>').unwrap()];
+    let (s, _, body) = list_get(&http, &format!("{mb}{next}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(tags_of(&body), ["v3"]);
+
+    // Refusals, in the error envelope: bad input here, an unknown repository upstream.
+    let (s, _, body) = list_get(&http, &format!("{mb}/v2/hub/team/app/tags/list?n=x"), None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(&body), "UNSUPPORTED");
+    let (s, _, body) = list_get(&http, &format!("{mb}/v2/hub/team/none/tags/list"), None).await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(error_code(&body), "NAME_UNKNOWN");
+    let tag_lists = upstream_count(&up, "GET /v2/team/app/tags/list");
+    assert!(
+        tag_lists >= 3,
+        "tags lists were asked upstream: {tag_lists}"
+    );
+
+    // Upstream gone: what was pulled through answers (v1 only: v2 and v3 were only listed).
+    drop(up);
+    let (s, _, body) = list_get(&http, &format!("{mb}/v2/hub/team/app/tags/list"), None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(tags_of(&body), ["v1"]);
+    let (s, h, body) = list_get(&http, &format!("{mb}/v2/hub{rpath}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&h, "content-type").as_deref(), Some(OCI_INDEX));
+    assert_eq!(referrer_digests(&body), vec![sig_d]);
+    // Nothing cached for that repository: 503, not an empty list.
+    let (s, _, body) = list_get(&http, &format!("{mb}/v2/hub/team/other/tags/list"), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&body), "UNKNOWN");
+}

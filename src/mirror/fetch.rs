@@ -60,7 +60,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             .client
     }
 
-    async fn upstream(
+    pub(super) async fn upstream(
         &self,
         t: &Target<'_>,
         method: Method,
@@ -245,6 +245,15 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 ),
             )
             .await?;
+        // Listed under its subject as a push would list it: what the referrers API answers
+        // when the upstream cannot (`mirror::lists`).
+        if let Some((subject, d)) =
+            crate::manifests::referrer_entry_of(&bytes, &media_type, &digest)
+        {
+            self.kv
+                .set(&layout::referrer(name, &subject, &digest), &d)
+                .await?;
+        }
         if let Some(tag) = tag {
             self.set_tag(name, tag, &digest).await?;
             self.record_tag(name, tag, &digest, crate::auth::now_secs())
@@ -504,7 +513,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
 
 /// An upstream's refusal, as the client should see it: 404s stay 404s, authentication
 /// failures and the rest are the upstream's problem (502).
-fn upstream_refused(status: StatusCode, path: &str) -> Error {
+pub(super) fn upstream_refused(status: StatusCode, path: &str) -> Error {
     match status {
         StatusCode::NOT_FOUND => Error::not_found(
             ErrorCode::ManifestUnknown,

@@ -11,10 +11,12 @@
 //! - `upstream`: requests to an upstream with its Bearer challenge flow, redirects followed.
 //! - `fetch`: manifests (by digest forever, by tag with a TTL then a revalidating HEAD) and
 //!   blobs (one fetch per digest under a lease, verified before they become visible).
+//! - `lists`: tags and referrers lists, the upstream's answer else the cached one.
 //! - `stream`: a blob streamed to its first client while it is fetched and stored.
 
 mod config;
 mod fetch;
+mod lists;
 mod stream;
 mod upstream;
 
