@@ -781,3 +781,84 @@ async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(&body), "UNKNOWN");
 }
+
+/// More referrers than the upstream's page (1000): the mirror passes the upstream's pages on,
+/// its `Link` rewritten to the mirror's name, and following it gets the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn referrers_pages_follow_the_upstream_through_the_mirror() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = start_upstream(false, tmp.path());
+    let ub = up.base_url();
+    let seeder = std::sync::Arc::new(Seeder {
+        http: http.clone(),
+        base: ub.clone(),
+        auth: None,
+    });
+    let repo = "library/signed";
+    let empty = seeder.blob(repo, b"{}".to_vec()).await;
+    let empty_desc =
+        json!({"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2});
+    let subject = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": empty_desc, "layers": [empty_desc],
+    }))
+    .unwrap();
+    let subject_d = seeder.manifest(repo, "v1", OCI_MANIFEST, &subject).await;
+    const COUNT: usize = 1001;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (seeder, empty_desc, subject_d) =
+            (seeder.clone(), empty_desc.clone(), subject_d.clone());
+        let size = subject.len();
+        tasks.spawn(async move {
+            for i in (worker..COUNT).step_by(8) {
+                let m = serde_json::to_vec(&json!({
+                    "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "artifactType": "application/vnd.example.sbom",
+                    "config": empty_desc, "layers": [empty_desc],
+                    "subject": {"mediaType": OCI_MANIFEST, "digest": subject_d, "size": size},
+                    "annotations": {"n": i.to_string()},
+                }))
+                .unwrap();
+                seeder
+                    .manifest(repo, &sha256_digest(&m), OCI_MANIFEST, &m)
+                    .await;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let config = format!("[[upstream]]\nurl = \"{ub}\"\nprefix = \"hub/\"\nlibrary = true\n");
+    let mirror = start_mirror(&config, tmp.path(), None);
+    let mb = mirror.base_url();
+
+    let mut url = format!("{mb}/v2/hub/signed/referrers/{subject_d}");
+    let mut up_url = format!("{ub}/v2/{repo}/referrers/{subject_d}");
+    let mut seen = std::collections::HashSet::new();
+    let mut pages = 0;
+    loop {
+        let (s, h, body) = list_get(&http, &url, None).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let (_, uh, ubody) = list_get(&http, &up_url, None).await;
+        assert!(body == ubody, "page {pages}: the upstream's bytes");
+        seen.extend(referrer_digests(&body));
+        pages += 1;
+        let (Some(link), Some(up_link)) = (header(&h, "link"), header(&uh, "link")) else {
+            assert_eq!(header(&h, "link"), header(&uh, "link"), "both end together");
+            break;
+        };
+        let next = &link[1..link.find('>').unwrap()];
+        let up_next = &up_link[1..up_link.find('>').unwrap()];
+        assert_eq!(
+            next,
+            up_next.replacen("/v2/library/signed/", "/v2/hub/signed/", 1),
+            "the upstream's Link under the mirror's name"
+        );
+        url = format!("{mb}{next}");
+        up_url = format!("{ub}{up_next}");
+        assert!(pages < 5, "pagination ends");
+    }
+    assert!(pages >= 2, "the upstream paginates past 1000");
+    assert_eq!(seen.len(), COUNT);
+}
