@@ -330,7 +330,8 @@ fn mirror_of_distribution_with_skopeo_crane_docker_podman_containerd() {
                 b.digest
             );
         }
-        // Asked with ?ns=docker.io: kept under the `ctr/` upstream's prefix.
+        // Asked with ?ns=docker.io, cached under the `ctr/` prefix; its tags list is the
+        // upstream's (`src/mirror/lists.rs`).
         let r = get(
             &format!("{}/v2/ctr/library/mirrored/tags/list", mirror.base_url()),
             None,
