@@ -40,7 +40,7 @@ struct Lease {
     expires: u64,
 }
 
-fn bad_gateway(msg: impl Into<String>) -> Error {
+pub(super) fn bad_gateway(msg: impl Into<String>) -> Error {
     Error::new(ErrorCode::Unknown, StatusCode::BAD_GATEWAY, msg)
 }
 

@@ -13,7 +13,7 @@ use crate::digest::Digest;
 use crate::error::{Error, ErrorCode};
 use crate::host::{BlobStore, KeyValue};
 use crate::mirror::Target;
-use crate::mirror::fetch::upstream_refused;
+use crate::mirror::fetch::{bad_gateway, upstream_refused};
 use crate::mirror::upstream::{header_of, read_small};
 use crate::names::{RepoName, Tag};
 use crate::registry::{Registry, RegistryResponse, Result, bytes_response};
@@ -89,7 +89,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let from = format!("/v2/{}/tags/list", t.remote);
         let to = format!("/v2/{asked}/tags/list");
         let path = with_query(from.clone(), &params);
-        match self.upstream_listing(t, &path, &from, &to, q).await? {
+        match self
+            .upstream_listing(t, &path, &from, &to, q, Some(asked))
+            .await?
+        {
             Listing::Answer(r) => Ok(r),
             Listing::Unavailable(e) => {
                 if !self.repository_exists(&t.local).await? {
@@ -128,7 +131,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let from = format!("/v2/{}/referrers/{subject}", t.remote);
         let to = format!("/v2/{asked}/referrers/{subject}");
         let path = with_query(from.clone(), &params);
-        match self.upstream_listing(t, &path, &from, &to, q).await? {
+        match self.upstream_listing(t, &path, &from, &to, q, None).await? {
             Listing::Answer(r) => Ok(r),
             Listing::Unavailable(e) => {
                 if !self.repository_exists(&t.local).await? {
@@ -142,7 +145,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
     }
 
-    /// Asks the upstream for `path`; its answer passed on, or why it cannot be.
+    /// Asks the upstream for `path`; its answer passed on, or why it cannot be. With `name`
+    /// (a tags list), the body's `name` becomes the repository's name here, as the spec has
+    /// a tags list name the repository asked for (end-8a), not the upstream's.
     async fn upstream_listing(
         &self,
         t: &Target<'_>,
@@ -150,6 +155,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         from: &str,
         to: &str,
         q: &Query,
+        name: Option<&RepoName>,
     ) -> Result<Listing<RegistryResponse<B>>> {
         let resp = match self.upstream(t, Method::GET, path, None).await {
             Ok(r) => r,
@@ -178,6 +184,21 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let body = match read_small(resp.into_body(), self.config.max_manifest_bytes).await {
             Ok(b) => b,
             Err(e) => return Ok(Listing::Unavailable(e.into())),
+        };
+        let body = match name {
+            None => body,
+            Some(name) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(serde_json::Value::Object(mut list)) => {
+                    list.insert("name".into(), name.as_str().into());
+                    serde_json::to_vec(&list).expect("serializes").into()
+                }
+                _ => {
+                    return Ok(Listing::Unavailable(bad_gateway(format!(
+                        "upstream {} answered {path} with a body that is not a tags list",
+                        t.up.url
+                    ))));
+                }
+            },
         };
         let mut r = bytes_response(status, &content_type, body, false);
         let h = r.headers_mut();
