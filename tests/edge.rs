@@ -844,55 +844,7 @@ async fn mirror_streams_a_cold_blob_through_the_wasi_component() {
     assert_eq!(count, 1);
 
     // A corrupted blob: the streaming client's transfer fails, and it is never cached.
-    let (bad, bad_len) = seed_corrupted(&http, &up, "library/bad").await;
+    let (bad, bad_len) = common::seed_corrupted(&http, &up, "library/bad").await;
     let url = format!("http://{}/v2/library/bad/blobs/{bad}", w.addr);
-    assert_streamed_transfer_fails(&http, &url, bad_len).await;
-}
-
-/// Seeds a blob upstream, then corrupts one byte near its end in the upstream's own store:
-/// the digest the mirror is asked for no longer matches what the upstream sends.
-async fn seed_corrupted(
-    http: &reqwest::Client,
-    up: &common::Server,
-    repo: &str,
-) -> (String, usize) {
-    let len = 3 * 1024 * 1024 + 11;
-    let data = pseudo_random(len, 80);
-    let d = sha256(&data);
-    let r = http
-        .post(up.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-        .body(data)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let hex = d.trim_start_matches("sha256:");
-    let path = up
-        .data_dir()
-        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
-    let mut bad = std::fs::read(&path).unwrap();
-    bad[len - 50] ^= 0xff;
-    std::fs::write(&path, &bad).unwrap();
-    (d, len)
-}
-
-/// GETs `url` twice: each time a 200 whose body then fails short of `len` bytes (never a clean
-/// end with wrong bytes), so nothing was cached in between.
-async fn assert_streamed_transfer_fails(http: &reqwest::Client, url: &str, len: usize) {
-    for _ in 0..2 {
-        let mut r = http.get(url).send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let mut got = 0;
-        let failed = loop {
-            match r.chunk().await {
-                Ok(Some(c)) => got += c.len(),
-                Ok(None) => break false,
-                Err(_) => break true,
-            }
-        };
-        assert!(
-            failed && got < len,
-            "{got} of {len} bytes, failed: {failed}"
-        );
-    }
+    common::assert_streamed_transfer_fails(&http, &url, bad_len).await;
 }
