@@ -634,6 +634,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             tls,
             metrics,
             json_log: json,
+            ..Ops::default()
         };
         server::serve_registry(listener, registry, limits, ops, server::shutdown_signal())
             .await
