@@ -630,6 +630,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 args.collect.upload_expiry_secs,
             ));
         }
+        // The rest (a request record) exists only with feature `testing`.
+        #[allow(clippy::needless_update)]
         let ops = Ops {
             tls,
             metrics,

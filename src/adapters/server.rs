@@ -759,7 +759,7 @@ where
             if let Some(record) = &record {
                 record.lock().unwrap_or_else(|p| p.into_inner()).push(
                     crate::testing::ServedRequest {
-                        method: method.clone(),
+                        method,
                         path: path_and_query.unwrap_or(path),
                         status: resp.status(),
                     },
