@@ -747,7 +747,30 @@ impl Drop for KeyLock {
 // ---------------------------------------------------------------------------------------------
 // Blob store
 
-/// A blob store on a directory: each object a file.
+/// A blob store on a directory: each object a file, written to `tmp/` and renamed into place
+/// (synced first, unless [`fsync(false)`](FsBlobs::fsync)). Its operations are shown on
+/// [`BlobStore`]; a registry on it with [`FsKv`] on [`FsKv`]'s page. A pushed blob is a
+/// plain file, at the path [`crate::layout`] gives it:
+///
+/// ```
+/// use dockside::{Config, FsBlobs, FsKv, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// // Tests may skip fsync; a server keeps it on.
+/// let blobs = FsBlobs::new(dir.path()).unwrap().fsync(false);
+/// let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+/// let registry = Registry::new(kv, blobs, Config::default());
+/// let hex = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest=sha256:{hex}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+/// let file = dir.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+/// assert_eq!(std::fs::read(file).unwrap(), b"hello world");
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct FsBlobs {
     root: PathBuf,
