@@ -6,7 +6,9 @@
 //! 2. `repositories`, one repository at a time, in catalog order: retention rules remove tags;
 //!    manifests no tag, index or young age keeps alive go (only with `untagged`), and so do
 //!    referrers whose subject is gone; blob links no surviving manifest references go; an
-//!    emptied repository leaves the catalog.
+//!    emptied repository leaves the catalog, with its cache (mirror records).
+//!    A repository larger than a step's budget is judged in pages on the admin request, its
+//!    retention order and marks kept in the key-value store (`paged`).
 //!    Every blob a surviving link reaches is *marked*: its `gc/blobs/<digest>` record gets the
 //!    run's generation (one compare-and-swap per live blob per run, none if already marked).
 //! 3. `blobs`: every `gc/blobs/<digest>` record (one per stored blob, written when the blob is
@@ -322,8 +324,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         Ok((raw, p))
     }
 
-    /// Runs one bounded step of garbage collection (about `step_items` keys judged, one
-    /// repository at least), starting a run if none is under way, and saves where it stopped.
+    /// Runs one bounded step of garbage collection (about `step_items` keys judged or store
+    /// calls made; a repository larger than that is judged in pages, `paged`), starting a run if none is under way, and saves where it stopped.
     /// Returns the state after the step: `done()` once the run has finished. Concurrent steps
     /// are safe (every deletion is claimed by compare-and-swap); the state is saved by
     /// compare-and-swap too, so of two steps from the same state one saves and the other's
