@@ -77,9 +77,6 @@ fn generation_of(raw: Option<Vec<u8>>) -> u64 {
         .unwrap_or(0)
 }
 
-/// A page of a listing: small enough that one step does not list far past its budget.
-const PAGE: usize = 64;
-
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// Whether `name` holds more tags, manifests and links than one step's budget: then it is
     /// judged in pages. Costs three bounded listings.
@@ -139,9 +136,11 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 rp.stage = Stage::Tags;
                 continue;
             }
+            // A page of what the budget has left: listings are what cost most on hosts that
+            // list by a pass over every key (Spin) or a read of a whole directory.
             let page = self
                 .kv
-                .list(&prefix, rp.cursor.as_deref(), PAGE.min(budget))
+                .list(&prefix, rp.cursor.as_deref(), budget - used)
                 .await?;
             used += 1;
             if page.is_empty() {
@@ -494,7 +493,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let mut used = 4;
         for prefix in cache_prefixes(name) {
             loop {
-                let page = self.kv.list(&prefix, None, PAGE.min(budget)).await?;
+                let page = self.kv.list(&prefix, None, budget.max(1)).await?;
                 used += 1;
                 if page.is_empty() {
                     break;
