@@ -585,6 +585,22 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         // `untagged` off (retention is there to reclaim space).
         let mut untagged_now: HashSet<Digest> = HashSet::new();
         if let Some(rule) = self.rule_for(name) {
+            // Tags this run removed before it stopped (a crash, a failed step) are gone, but
+            // their manifests were marked first: they are no roots either.
+            let prefix = layout::gc_dropped_prefix(name);
+            for k in self.kv.list(&prefix, None, usize::MAX).await? {
+                let Some(d) = layout::digest_from_suffix(&k[prefix.len()..]) else {
+                    continue;
+                };
+                let g = self
+                    .kv
+                    .get(&k)
+                    .await?
+                    .and_then(|v| String::from_utf8(v).ok());
+                if g.is_some_and(|g| g == sweep.generation.to_string()) {
+                    untagged_now.insert(d);
+                }
+            }
             let at_of = |d: &Option<Digest>| {
                 d.as_ref()
                     .and_then(|d| manifests.get(d))
@@ -624,6 +640,16 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                         .and_then(|s| Digest::parse(&s).ok())
                         == d;
                     if same {
+                        // Marked first: a run stopped after the delete still knows the
+                        // manifest lost its tag to retention, not to a client.
+                        if let Some(d) = &d {
+                            self.kv
+                                .set(
+                                    &layout::gc_dropped(name, d),
+                                    sweep.generation.to_string().as_bytes(),
+                                )
+                                .await?;
+                        }
                         self.kv.delete(&key).await?;
                         // The mirror's record of it is cache for the tag: it goes too.
                         if let Ok(t) = crate::names::Tag::parse(&t) {

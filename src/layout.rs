@@ -349,6 +349,10 @@ pub fn gc_dropped(name: &RepoName, digest: &Digest) -> String {
     gc_repo_mark(name, "dropped", digest)
 }
 
+pub fn gc_dropped_prefix(name: &RepoName) -> String {
+    format!("{}dropped/", gc_repo_prefix(name))
+}
+
 /// The mirror's per-repository records (`_mirror/tags/...`): cache, not content.
 pub fn mirror_prefix(name: &RepoName) -> String {
     format!("{}/_mirror/", repo(name))

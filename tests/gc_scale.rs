@@ -18,15 +18,30 @@ use sha2::{Digest as _, Sha256};
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-/// The memory store, counting `get`s (and compare-and-swaps), and every call.
+/// The memory store, counting `get`s (and compare-and-swaps), and every call; and failing
+/// every call once `fail_after` (when not 0) calls more have been made, as a collector
+/// killed at that point would stop.
 #[derive(Clone, Default)]
 struct Counting {
     kv: MemoryKv,
     gets: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    fail_after: Arc<AtomicUsize>,
 }
 
 impl Counting {
+    fn call(&self) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let left = self.fail_after.load(Ordering::Relaxed);
+        if left == 1 {
+            return Err(StoreError::new("injected: the collector stops here"));
+        }
+        if left > 1 {
+            self.fail_after.store(left - 1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn gets(&self) -> usize {
         self.gets.load(Ordering::Relaxed)
     }
@@ -38,15 +53,15 @@ impl Counting {
 impl KeyValue for Counting {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.get(key).await
     }
     async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.set(key, value).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.delete(key).await
     }
     async fn list(
@@ -55,7 +70,7 @@ impl KeyValue for Counting {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.list(prefix, after, limit).await
     }
     async fn compare_and_swap(
@@ -65,7 +80,7 @@ impl KeyValue for Counting {
         new: &[u8],
     ) -> Result<bool, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.compare_and_swap(key, expected, new).await
     }
 }
@@ -603,5 +618,112 @@ async fn a_large_repository_is_judged_in_bounded_steps() {
             .0 == 200
         };
         assert!(alive, "{k} outlived what it marks");
+    }
+}
+
+/// A repository judged in pages by steps that stop at random points (the store fails every
+/// call from a random one on, as a killed instance would stop; the step answers 500 and saves
+/// no state), each followed by a whole step: the run still finishes, and after one more run
+/// (which finishes what the stopped steps claimed) the registry is what an uninterrupted run
+/// leaves: the 5 newest tags and their images pull byte for byte, the others answer 404 and
+/// their blobs are gone. Judged in pages (`step_items = 20`), and whole within a step
+/// (`step_items = 1000`, the stops spread over the same first calls).
+#[tokio::test]
+async fn a_large_repository_survives_steps_stopped_anywhere() {
+    stopped_anywhere(20).await;
+}
+
+#[tokio::test]
+async fn a_whole_repository_survives_steps_stopped_anywhere() {
+    stopped_anywhere(1000).await;
+}
+
+async fn stopped_anywhere(budget: usize) {
+    let h = H::with(
+        GcConfig::from_toml(&format!(
+            "grace_secs = 0\nstep_items = {budget}\n\n[[retention]]\nrepositories = \"big/**\"\nkeep_newest = 5\n"
+        ))
+        .unwrap(),
+    );
+    let mut old = Vec::new();
+    for i in 0..60 {
+        let tag = format!("old-{i:03}");
+        old.push((tag.clone(), h.push("big/one", i, &[tag]).await));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut new = Vec::new();
+    for i in 60..65 {
+        let tag = format!("new-{i}");
+        new.push((tag.clone(), h.push("big/one", i, &[tag]).await));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    // Stops within a step's calls: a paged step makes about 2 x budget, a whole one about
+    // 700 here (so several stopped steps in a row, each redoing the repository).
+    let (range, faulty) = if budget < 100 {
+        (3 * budget, 1)
+    } else {
+        (700, 8)
+    };
+    let mut seed: u64 = 14;
+    let (mut stopped, mut steps) = (0, 0);
+    loop {
+        for _ in 0..faulty {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            h.kv.fail_after
+                .store(2 + (seed >> 33) as usize % range, Ordering::Relaxed);
+            let (status, _) = h.send(Method::POST, "/v2/_dockside/gc", None, b"").await;
+            let left = h.kv.fail_after.swap(0, Ordering::Relaxed);
+            let failed = status == 500;
+            assert!(status == 200 || (failed && left == 1), "{status}");
+            stopped += usize::from(failed);
+        }
+        let b = H::ok(
+            h.send(Method::POST, "/v2/_dockside/gc", None, b"").await,
+            200,
+        );
+        let p: Value = serde_json::from_slice(&b).unwrap();
+        steps += 1;
+        assert!(steps < 5_000, "the collection never finished");
+        if p["phase"] == "idle" {
+            break;
+        }
+    }
+    assert!(stopped >= 3, "only {stopped} steps were stopped");
+    h.collect().await;
+
+    let mut tags = h.tags("big/one").await;
+    tags.sort();
+    let want: Vec<String> = new.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(tags, want);
+    for (i, (tag, d)) in old.iter().chain(new.iter()).enumerate() {
+        let kept = i >= 60;
+        let (status, b) = h
+            .send(
+                Method::GET,
+                &format!("/v2/big/one/manifests/{d}"),
+                None,
+                b"",
+            )
+            .await;
+        assert_eq!(status, if kept { 200 } else { 404 }, "{tag}");
+        let config = sha256(format!("big/one image {i} config").as_bytes());
+        let layer = sha256(format!("big/one image {i} layer").as_bytes());
+        for blob in [&config, &layer] {
+            assert_eq!(h.stored(blob).await, kept, "{tag}: {blob}");
+        }
+        if kept {
+            assert_eq!(sha256(&b), *d);
+            for blob in [&config, &layer] {
+                let b = H::ok(
+                    h.send(Method::GET, &format!("/v2/big/one/blobs/{blob}"), None, b"")
+                        .await,
+                    200,
+                );
+                assert_eq!(sha256(&b), *blob);
+            }
+        }
     }
 }

@@ -279,18 +279,20 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 if !sweep.dry {
                     // Re-read just before: a push that moved the tag meanwhile keeps it.
                     if self.tag_target(&key).await? == d {
+                        // The mark first: a step stopped after the tag's delete would leave
+                        // its manifest, untagged, to be kept as a root.
+                        if let Some(d) = &d {
+                            self.kv
+                                .set(
+                                    &layout::gc_dropped(name, d),
+                                    sweep.generation.to_string().as_bytes(),
+                                )
+                                .await?;
+                        }
                         self.kv.delete(&key).await?;
                         if let Ok(t) = Tag::parse(tag) {
                             self.kv.delete(&layout::mirror_tag(name, &t)).await?;
                         }
-                    }
-                    if let Some(d) = &d {
-                        self.kv
-                            .set(
-                                &layout::gc_dropped(name, d),
-                                sweep.generation.to_string().as_bytes(),
-                            )
-                            .await?;
                     }
                     used += 4;
                 }
@@ -404,7 +406,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         };
         let m = decode_record(raw.clone())?;
         if m.gone {
-            return Ok(1);
+            // Claimed by a step that stopped before deleting it: finish.
+            self.forget_manifest(name, &d, &m).await?;
+            return Ok(6);
         }
         let live =
             generation_of(self.kv.get(&layout::gc_live(name, &d)).await?) == sweep.generation;
