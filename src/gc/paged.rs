@@ -271,7 +271,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             let keep = in_top
                 || rule
                     .keep_younger_than_secs
-                    .is_some_and(|s| at.saturating_add(s) > sweep.now)
+                    .is_some_and(|s| at.saturating_add(s) > rp.started)
                 || !old(at);
             if !keep {
                 sweep.stats.tags += 1;
