@@ -1719,7 +1719,7 @@ fn store_keys(spin: &Spin, store: Store) -> Vec<String> {
 
 /// `POST /v2/_dockside/gc` end to end under `spin up`, settings from the Spin variable
 /// `gc_config` (no grace, 3 keys a step, so a run takes several requests, each on a fresh
-/// instance, resuming from the state in the store): an anonymous caller gets 401 and a
+/// instance, resuming from the state in the store, the repository judged in pages): an anonymous caller gets 401 and a
 /// pull-only user 403, both in the error envelope; the admin steps until the run is done; the
 /// deleted image's blobs are gone from the store (their chunk keys too), the other image
 /// pulls byte for byte.
@@ -1829,17 +1829,21 @@ actions = ["pull"]
     // The grace is 0, judged by whole seconds: let the pushes' second pass.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut steps = 0;
+    let mut paged = false;
     let last = loop {
         steps += 1;
         assert!(steps < 200, "the run never finished");
         let r = admin(http.post(&gc)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let p: serde_json::Value = r.json().await.unwrap();
+        // Its tag, manifest and four links are more than a step's 3: judged in pages.
+        paged |= p["repo"]["name"] == "team/app";
         if p["phase"] == "idle" {
             break p["last"].clone();
         }
     };
     assert!(steps > 1, "3 keys a step: a run takes several requests");
+    assert!(paged, "team/app was not judged in pages");
     assert_eq!(last["blobs"], 2, "{last}");
     assert_eq!(last["links"], 2, "{last}");
     let total: usize = images[0].2.iter().map(|(_, b)| b.len()).sum();
