@@ -16,6 +16,7 @@
 #[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "workers"))]
 pub mod durable;
 pub mod fs;
+mod fs_journal;
 pub mod indexed;
 pub mod kvblobs;
 pub mod mem;
