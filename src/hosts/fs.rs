@@ -1554,6 +1554,46 @@ mod tests {
         assert_eq!(kv.entries_read() - before, n as u64 + 2);
     }
 
+    /// Records that arrive out of order, as racing writers append them: the cache holds what
+    /// the directory holds, whatever the last record's op says.
+    #[test]
+    fn records_out_of_order_cannot_mislead_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = FsKv::new(dir.path())
+            .unwrap()
+            .fsync(false)
+            .listing_cache_min(2);
+        for k in ["t/a", "t/b", "t/c"] {
+            futures_executor::block_on(kv.set(k, b"")).unwrap();
+        }
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        let t = dir.path().join("t");
+        let append = |bytes: &[u8]| {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(t.join(fs_journal::JOURNAL))
+                .unwrap();
+            f.write_all(bytes).unwrap();
+        };
+        // W1 renamed `x` in, W2 removed it and recorded `-x`, then W1's late `+x`: gone.
+        fs::write(t.join("x="), b"").unwrap();
+        fs::remove_file(t.join("x=")).unwrap();
+        append(b"\n-x=\n\n+x=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        // W1 removed `b`, W2 renamed it in again and recorded `+b`, then W1's late `-b`: kept.
+        fs::remove_file(t.join("b=")).unwrap();
+        fs::write(t.join("b="), b"").unwrap();
+        append(b"\n+b=\n\n-b=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        // And the plain cases, by hand: a file added and its record, one removed and its.
+        fs::write(t.join("d="), b"").unwrap();
+        fs::remove_file(t.join("a=")).unwrap();
+        append(b"\n+d=\n\n-a=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/b", "t/c", "t/d"]);
+        // All from the cache: `t` was read twice, for the first listing only.
+        assert_eq!(kv.entries_read(), 6);
+    }
+
     /// Deletes remove the directories they empty while another writer keeps creating keys in
     /// them: no write fails, and no write is lost.
     #[test]
