@@ -6,7 +6,9 @@
 //! 2. `repositories`, one repository at a time, in catalog order: retention rules remove tags;
 //!    manifests no tag, index or young age keeps alive go (only with `untagged`), and so do
 //!    referrers whose subject is gone; blob links no surviving manifest references go; an
-//!    emptied repository leaves the catalog.
+//!    emptied repository leaves the catalog, with its cache (mirror records).
+//!    A repository larger than a step's budget is judged in pages on the admin request, its
+//!    retention order and marks kept in the key-value store (`paged`).
 //!    Every blob a surviving link reaches is *marked*: its `gc/blobs/<digest>` record gets the
 //!    run's generation (one compare-and-swap per live blob per run, none if already marked).
 //! 3. `blobs`: every `gc/blobs/<digest>` record (one per stored blob, written when the blob is
@@ -35,6 +37,10 @@ use crate::layout;
 use crate::manifests::{StoredManifest, decode_record, encode_record, references_of};
 use crate::names::RepoName;
 use crate::registry::Registry;
+
+mod paged;
+
+pub use paged::{RepoProgress, Stage};
 
 type StoreResult<T> = std::result::Result<T, StoreError>;
 
@@ -129,6 +135,9 @@ pub struct GcProgress {
     /// The last repository or blob record done in the current phase.
     pub cursor: Option<String>,
     pub started: u64,
+    /// The repository being judged in pages (larger than one step's budget), and where in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<RepoProgress>,
     /// Whether this run marks live blobs in their records (a run started by a version that
     /// did not is restarted: its blob phase would find no marks).
     pub marks: bool,
@@ -315,13 +324,19 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         Ok((raw, p))
     }
 
-    /// Runs one bounded step of garbage collection (about `step_items` keys judged, one
-    /// repository at least), starting a run if none is under way, and saves where it stopped.
+    /// Runs one bounded step of garbage collection (about `step_items` keys judged or store
+    /// calls made; a repository larger than that is judged in pages, `paged`), starting a run if none is under way, and saves where it stopped.
     /// Returns the state after the step: `done()` once the run has finished. Concurrent steps
     /// are safe (every deletion is claimed by compare-and-swap); the state is saved by
     /// compare-and-swap too, so of two steps from the same state one saves and the other's
     /// work is redone, idempotently, by the next.
     pub async fn gc_step(&self) -> StoreResult<GcProgress> {
+        self.step(false).await
+    }
+
+    /// One step; `whole`: judge each repository in one go, however large (native runs, which
+    /// have no request time limit), instead of in pages of about `step_items` store calls.
+    async fn step(&self, whole: bool) -> StoreResult<GcProgress> {
         let (raw, mut p) = self.load_progress().await?;
         let now = now_secs();
         if p.phase == Phase::Idle || !p.marks {
@@ -331,6 +346,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             p.started = now;
             p.marks = true;
             p.stats = GcStats::default();
+            p.repo = None;
         }
         let mut sweep = Sweep {
             dry: false,
@@ -341,10 +357,12 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             items: Vec::new(),
             marked: HashSet::new(),
         };
-        let (next_phase, cursor) = self.run_phase(p.phase, p.cursor.take(), &mut sweep).await?;
+        let (next_phase, cursor) = self
+            .run_phase(p.phase, p.cursor.take(), &mut p.repo, whole, &mut sweep)
+            .await?;
         add(&mut p.stats, &sweep.stats);
         p.cursor = cursor;
-        if p.cursor.is_none() {
+        if p.cursor.is_none() && p.repo.is_none() {
             p.phase = next_phase;
             if p.phase == Phase::Idle {
                 p.finished = Some(now_secs());
@@ -367,7 +385,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// Steps until the run under way (or a new one) finishes.
     pub async fn gc_run(&self) -> StoreResult<GcProgress> {
         loop {
-            let p = self.gc_step().await?;
+            let p = self.step(true).await?;
             if p.done() {
                 return Ok(p);
             }
@@ -389,7 +407,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         let mut phase = Phase::Uploads;
         let mut cursor = None;
         while phase != Phase::Idle {
-            let (next, c) = self.run_phase(phase, cursor, &mut sweep).await?;
+            let (next, c) = self
+                .run_phase(phase, cursor, &mut None, true, &mut sweep)
+                .await?;
             cursor = c;
             if cursor.is_none() {
                 phase = next;
@@ -401,12 +421,15 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         })
     }
 
-    /// One step of `phase` from `cursor`: the phase after it, and the cursor to resume from
-    /// (`None`: the phase is finished).
+    /// One step of `phase` from `cursor` (and `repo`, a repository judged in pages): the phase
+    /// after it, and the cursor to resume from (`None`, with `repo` `None`: the phase is
+    /// finished).
     async fn run_phase(
         &self,
         phase: Phase,
         cursor: Option<String>,
+        repo: &mut Option<RepoProgress>,
+        whole: bool,
         sweep: &mut Sweep,
     ) -> StoreResult<(Phase, Option<String>)> {
         let budget = self.config.gc.step_items.max(1);
@@ -428,6 +451,19 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 // reads the catalog's directory whole on the directory host: quadratic).
                 let mut done = 0;
                 let mut cursor = cursor;
+                // A repository judged in pages goes on where the last step left it.
+                if let Some(rp) = repo.as_mut() {
+                    let (finished, used) = self.page_repository(rp, sweep, budget).await?;
+                    if !finished {
+                        return Ok((Phase::Repositories, cursor));
+                    }
+                    done += used;
+                    cursor = Some(layout::catalog_prefix().to_owned() + &rp.name);
+                    *repo = None;
+                    if done >= budget {
+                        return Ok((Phase::Repositories, cursor));
+                    }
+                }
                 loop {
                     let page = self
                         .kv
@@ -437,7 +473,22 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                     for key in page {
                         let name = &key[layout::catalog_prefix().len()..];
                         if let Ok(name) = RepoName::parse(name, usize::MAX) {
-                            done += self.collect_repository(&name, sweep).await?;
+                            if !whole && self.repository_large(&name, budget).await? {
+                                let mut rp = RepoProgress {
+                                    name: name.to_string(),
+                                    started: now_secs().max(sweep.now),
+                                    ..RepoProgress::default()
+                                };
+                                let (finished, used) =
+                                    self.page_repository(&mut rp, sweep, budget - done).await?;
+                                if !finished {
+                                    *repo = Some(rp);
+                                    return Ok((Phase::Repositories, cursor));
+                                }
+                                done += used;
+                            } else {
+                                done += self.collect_repository(&name, sweep).await?;
+                            }
                         }
                         done += 1;
                         cursor = Some(key);
@@ -533,13 +584,23 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         // Retention rules remove tags; the manifests only they reached go too, even with
         // `untagged` off (retention is there to reclaim space).
         let mut untagged_now: HashSet<Digest> = HashSet::new();
-        if let Some(rule) = self
-            .config
-            .gc
-            .retention
-            .iter()
-            .find(|r| crate::auth::glob(&r.repositories, name.as_str()))
-        {
+        if let Some(rule) = self.rule_for(name) {
+            // Tags this run removed before it stopped (a crash, a failed step) are gone, but
+            // their manifests were marked first: they are no roots either.
+            let prefix = layout::gc_dropped_prefix(name);
+            for k in self.kv.list(&prefix, None, usize::MAX).await? {
+                let Some(d) = layout::digest_from_suffix(&k[prefix.len()..]) else {
+                    continue;
+                };
+                let g = self
+                    .kv
+                    .get(&k)
+                    .await?
+                    .and_then(|v| String::from_utf8(v).ok());
+                if g.is_some_and(|g| g == sweep.generation.to_string()) {
+                    untagged_now.insert(d);
+                }
+            }
             let at_of = |d: &Option<Digest>| {
                 d.as_ref()
                     .and_then(|d| manifests.get(d))
@@ -579,7 +640,21 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                         .and_then(|s| Digest::parse(&s).ok())
                         == d;
                     if same {
+                        // Marked first: a run stopped after the delete still knows the
+                        // manifest lost its tag to retention, not to a client.
+                        if let Some(d) = &d {
+                            self.kv
+                                .set(
+                                    &layout::gc_dropped(name, d),
+                                    sweep.generation.to_string().as_bytes(),
+                                )
+                                .await?;
+                        }
                         self.kv.delete(&key).await?;
+                        // The mirror's record of it is cache for the tag: it goes too.
+                        if let Ok(t) = crate::names::Tag::parse(&t) {
+                            self.kv.delete(&layout::mirror_tag(name, &t)).await?;
+                        }
                     }
                 }
             }
@@ -718,23 +793,47 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         if tags.is_empty() && manifests.is_empty() && links_left == 0 {
             let uploads = self.kv.list(&layout::uploads_prefix(name), None, 1).await?;
             if uploads.is_empty() {
-                sweep.stats.repositories += 1;
-                sweep.note(|| format!("repository {name}"));
                 if !sweep.dry {
-                    // (Deleting the marker only makes the next delete by digest read every
-                    // tag; it is never wrong.)
-                    self.kv.delete(&layout::tagged_complete(name)).await?;
-                    self.kv.delete(&layout::catalog(name)).await?;
-                    // A push that wrote into it meanwhile may have found the catalog entry
-                    // still there: look again, and put it back if the repository has content.
-                    if !self.repository_empty(name).await? {
-                        self.kv.set(&layout::catalog(name), b"").await?;
-                        sweep.stats.repositories -= 1;
+                    // Its cache goes with it (`paged::cache_prefixes`).
+                    for prefix in paged::cache_prefixes(name) {
+                        for k in self.kv.list(&prefix, None, usize::MAX).await? {
+                            self.kv.delete(&k).await?;
+                        }
                     }
                 }
+                self.drop_catalog_entry(name, sweep).await?;
             }
         }
         Ok(judged)
+    }
+
+    /// Takes emptied repository `name` out of the catalog (dry: counts it).
+    async fn drop_catalog_entry(&self, name: &RepoName, sweep: &mut Sweep) -> StoreResult<()> {
+        sweep.stats.repositories += 1;
+        sweep.note(|| format!("repository {name}"));
+        if sweep.dry {
+            return Ok(());
+        }
+        // (Deleting the marker only makes the next delete by digest read every tag; it is
+        // never wrong.)
+        self.kv.delete(&layout::tagged_complete(name)).await?;
+        self.kv.delete(&layout::catalog(name)).await?;
+        // A push that wrote into it meanwhile may have found the catalog entry still there:
+        // look again, and put it back if the repository has content.
+        if !self.repository_empty(name).await? {
+            self.kv.set(&layout::catalog(name), b"").await?;
+            sweep.stats.repositories -= 1;
+        }
+        Ok(())
+    }
+
+    /// The retention rule for `name`: the first whose pattern matches.
+    fn rule_for(&self, name: &RepoName) -> Option<&RetentionRule> {
+        self.config
+            .gc
+            .retention
+            .iter()
+            .find(|r| crate::auth::glob(&r.repositories, name.as_str()))
     }
 
     async fn repository_empty(&self, name: &RepoName) -> StoreResult<bool> {
@@ -764,6 +863,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
         // No tag points at it (or it would be live): its reverse entries are stale.
         self.forget_tagged(name, d).await?;
+        // And the marks of a judgement in pages.
+        self.kv.delete(&layout::gc_live(name, d)).await?;
+        self.kv.delete(&layout::gc_dropped(name, d)).await?;
         self.kv.delete(&layout::manifest(name, d)).await
     }
 

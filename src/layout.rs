@@ -20,6 +20,13 @@
 //! │                                                            "phase","cursor","stats",..}
 //! ├── gc/blobs/<alg>/<hex>                                     {"at","deleting"}: a stored blob,
 //! │                                                            when last written or linked
+//! ├── gc/repos/<name>/_live/<alg>/<hex>                         generation: the collector found
+//! │                                                            manifest live (a repository too
+//! │                                                            large for one step, judged in pages)
+//! ├── gc/repos/<name>/_want/<alg>/<hex>                         generation: a kept manifest of
+//! │                                                            <name> references blob <alg>:<hex>
+//! ├── gc/repos/<name>/_dropped/<alg>/<hex>                      generation: retention removed a
+//! │                                                            tag of manifest <alg>:<hex>
 //! └── repositories/<name>/
 //!     ├── _layers/<alg>/<hex>                                 {"size":N}  blob linked into <name>
 //!     ├── _manifests/revisions/<alg>/<hex>                    manifest record: a JSON header line
@@ -310,6 +317,45 @@ pub fn listing_index_marker() -> &'static str {
 /// The key holding the listing index of `prefix` (see [`listing_of`]).
 pub fn listing_index(prefix: &str) -> String {
     format!("listing-index/{prefix}")
+}
+
+/// The collector's marks for a repository judged in pages (`crate::gc`): `_live`, `_want`,
+/// `_dropped` below it. `_`: no repository name has a component starting with it.
+pub fn gc_repo_prefix(name: &RepoName) -> String {
+    format!("gc/repos/{name}/_")
+}
+
+fn gc_repo_mark(name: &RepoName, kind: &str, digest: &Digest) -> String {
+    format!(
+        "{}{kind}/{}/{}",
+        gc_repo_prefix(name),
+        digest.algorithm().as_str(),
+        digest.hex()
+    )
+}
+
+/// The run that found manifest `digest` of `name` live.
+pub fn gc_live(name: &RepoName, digest: &Digest) -> String {
+    gc_repo_mark(name, "live", digest)
+}
+
+/// The run in which a kept manifest of `name` referenced blob `digest`.
+pub fn gc_want(name: &RepoName, digest: &Digest) -> String {
+    gc_repo_mark(name, "want", digest)
+}
+
+/// The run whose retention removed a tag of manifest `digest` of `name`.
+pub fn gc_dropped(name: &RepoName, digest: &Digest) -> String {
+    gc_repo_mark(name, "dropped", digest)
+}
+
+pub fn gc_dropped_prefix(name: &RepoName) -> String {
+    format!("{}dropped/", gc_repo_prefix(name))
+}
+
+/// The mirror's per-repository records (`_mirror/tags/...`): cache, not content.
+pub fn mirror_prefix(name: &RepoName) -> String {
+    format!("{}/_mirror/", repo(name))
 }
 
 /// When the mirror last confirmed upstream what tag `tag` of `name` points at.

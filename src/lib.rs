@@ -85,6 +85,14 @@ pub type MemoryRegistry = Registry<MemoryKv, MemoryBlobs>;
 
 impl MemoryRegistry {
     /// An empty in-memory registry with the default configuration.
+    ///
+    /// ```
+    /// # futures_executor::block_on(async {
+    /// let registry = dockside::MemoryRegistry::in_memory();
+    /// let req = http::Request::get("/v2/").body(http_body_util::Empty::<bytes::Bytes>::new());
+    /// assert_eq!(registry.handle(req.unwrap()).await.status(), 200);
+    /// # });
+    /// ```
     pub fn in_memory() -> Self {
         Registry::new(MemoryKv::new(), MemoryBlobs::new(), Config::default())
     }
@@ -95,7 +103,30 @@ pub type DirRegistry = Registry<FsKv, FsBlobs>;
 
 impl DirRegistry {
     /// A registry storing under `dir` (created if missing): `dir/kv` for the key-value store,
-    /// the rest for blobs.
+    /// the rest for blobs (the layout of `dockside serve --data <dir>`), fsync on. What an
+    /// earlier registry or server stored there is served again:
+    ///
+    /// ```
+    /// use dockside::{Config, DirRegistry};
+    /// use http_body_util::Full;
+    ///
+    /// # futures_executor::block_on(async {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let digest = "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+    /// let first = DirRegistry::open_dir(dir.path(), Config::default()).unwrap();
+    /// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest={digest}"))
+    ///     .body(Full::new(&b"hello world"[..]))
+    ///     .unwrap();
+    /// assert_eq!(first.handle(push).await.status(), 201);
+    /// drop(first);
+    ///
+    /// let again = DirRegistry::open_dir(dir.path(), Config::default()).unwrap();
+    /// let head = http::Request::head(format!("/v2/hello/blobs/{digest}"))
+    ///     .body(Full::new(&b""[..]))
+    ///     .unwrap();
+    /// assert_eq!(again.handle(head).await.status(), 200);
+    /// # });
+    /// ```
     pub fn open_dir(dir: impl AsRef<std::path::Path>, config: Config) -> std::io::Result<Self> {
         let dir = dir.as_ref();
         Ok(Registry::new(

@@ -630,10 +630,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 args.collect.upload_expiry_secs,
             ));
         }
+        // The rest (a request record) exists only with feature `testing`.
+        #[allow(clippy::needless_update)]
         let ops = Ops {
             tls,
             metrics,
             json_log: json,
+            ..Ops::default()
         };
         server::serve_registry(listener, registry, limits, ops, server::shutdown_signal())
             .await

@@ -23,11 +23,25 @@
 //!     .start();
 //! ```
 //!
+//! What it served is recorded, for tests that check which requests a client sent
+//! ([`TestRegistry::requests`]):
+//!
+//! ```no_run
+//! let registry = dockside::testing::TestRegistry::start();
+//! // ... a client pushes an image ...
+//! let patches = registry
+//!     .requests()
+//!     .iter()
+//!     .filter(|r| r.method == "PATCH" && r.path.starts_with("/v2/library/hello/blobs/uploads/"))
+//!     .count();
+//! # drop(patches);
+//! ```
+//!
 //! `examples/testing.rs` pushes and pulls an image with the `oci-client` crate.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::adapters::server::{self, Limits, PasswordCheckers};
 use crate::{AuthConfig, Config, FsBlobs, FsKv, MemoryBlobs, MemoryKv, Registry};
@@ -77,8 +91,28 @@ impl Builder {
         self
     }
 
-    /// The core's settings (limits, deletes...). Access control comes from
-    /// [`user`](Self::user), not from here.
+    /// The core's settings (limits, deletes...). Its `auth`, when set, is the access control
+    /// (rules beyond "every user does everything", e.g. from [`AuthConfig::from_toml`]) unless
+    /// [`user`](Self::user) is also called, which replaces it.
+    ///
+    /// ```no_run
+    /// use dockside::{AuthConfig, Config};
+    /// let auth = AuthConfig::from_toml(
+    ///     r#"
+    /// [auth]
+    /// secret = "at-least-32-bytes-of-token-secret-here"
+    /// [[auth.rules]]
+    /// repositories = ["public/*"]
+    /// users = ["anonymous"]
+    /// actions = ["pull"]
+    /// "#,
+    /// )
+    /// .unwrap()
+    /// .map(std::sync::Arc::new);
+    /// let registry = dockside::testing::TestRegistry::builder()
+    ///     .config(Config { auth, ..Config::default() })
+    ///     .start();
+    /// ```
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
@@ -132,6 +166,17 @@ impl Builder {
     }
 }
 
+/// One request a [`TestRegistry`] answered, as [`TestRegistry::requests`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedRequest {
+    /// The request's method (compares with a `&str`: `r.method == "PATCH"`).
+    pub method: http::Method,
+    /// The path and query as sent, e.g. `/v2/app/blobs/uploads/?digest=sha256:...`.
+    pub path: String,
+    /// The status of the answer (its headers: a body cut short later is not seen here).
+    pub status: http::StatusCode,
+}
+
 /// A TOML basic string.
 fn toml_string(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
@@ -142,6 +187,8 @@ pub struct TestRegistry {
     addr: SocketAddr,
     url: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    requests: Arc<Mutex<Vec<ServedRequest>>>,
+    dir: Option<PathBuf>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The temporary directory, removed after the server thread ends.
     _dir: Option<tempfile::TempDir>,
@@ -178,6 +225,23 @@ impl TestRegistry {
         self.addr
     }
 
+    /// The requests answered so far, oldest first: method, path and query, status. A request
+    /// is listed once its answer's headers are ready, so a client holding a response finds its
+    /// request here. Every request is kept for the registry's life (a test's worth).
+    pub fn requests(&self) -> Vec<ServedRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The directory it stores in ([`Builder::dir`] or [`Builder::temp_dir`]; `None` in
+    /// memory), laid out as `dockside serve --data` lays it out: `blobs/sha256/<2>/<hex>`,
+    /// `kv/`, `uploads/`, `tmp/`.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
     fn launch(b: Builder) -> Result<TestRegistry, String> {
         let auth = b.auth()?;
         let (dir, tmp) = match &b.storage {
@@ -191,9 +255,10 @@ impl TestRegistry {
             }
             Storage::Dir(d) => (Some(d.clone()), None),
         };
+        let stored_in = dir.clone();
         let limits = Limits::default();
         let config = Config {
-            auth: auth.map(Arc::new),
+            auth: auth.map(Arc::new).or(b.config.auth.clone()),
             ..b.config
         };
         // Bound here, so the address is known and the port taken before `start` returns.
@@ -219,6 +284,12 @@ impl TestRegistry {
             }
         };
         let checks = PasswordCheckers::new(2).map_err(|e| e.to_string())?;
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let ops = server::Ops {
+            record: Some(requests.clone()),
+            ..server::Ops::default()
+        };
+
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("dockside-test-registry".into())
@@ -237,7 +308,7 @@ impl TestRegistry {
                                 listener,
                                 Arc::new(registry),
                                 limits,
-                                server::Ops::default(),
+                                ops,
                                 shutdown,
                             )
                             .await
@@ -260,7 +331,7 @@ impl TestRegistry {
                                     async move { registry.handle(req).await }
                                 },
                                 limits,
-                                server::Ops::default(),
+                                ops,
                                 shutdown,
                             )
                             .await
@@ -276,6 +347,8 @@ impl TestRegistry {
             addr,
             url: format!("http://{addr}"),
             stop: Some(stop),
+            requests,
+            dir: stored_in,
             thread: Some(thread),
             _dir: tmp,
         })

@@ -59,6 +59,7 @@ actions = ["push"]
 
 fn start(dir: &std::path::Path) -> Server {
     let cfg = write_config(dir, "");
+    // The binary: --config FILE and the secret from its environment are under test.
     Server::builder()
         .arg("--config")
         .arg(cfg)
@@ -310,6 +311,7 @@ fn client_from(ip: &str) -> reqwest::Client {
 async fn password_guessing_is_throttled_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "");
+    // The binary: the --login-* flags.
     let s = Server::builder()
         .arg("--config")
         .arg(cfg)
@@ -392,6 +394,7 @@ async fn password_guessing_is_throttled_over_http() {
 async fn forwarded_for_is_the_address_when_trusted() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "");
+    // The binary: --trust-forwarded-for.
     let s = Server::builder()
         .arg("--config")
         .arg(cfg)

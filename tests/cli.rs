@@ -16,6 +16,7 @@ fn dockside(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn healthcheck_succeeds_on_a_ready_server_and_fails_otherwise() {
+    // The binary: `dockside healthcheck` probes a running `dockside serve`.
     let s = Server::start();
     let out = dockside(&["healthcheck", "--url", &s.url("/ready")]);
     assert!(

@@ -95,6 +95,7 @@ async fn every_published_name_is_synced_into_its_directory() {
     );
     let traces = tempfile::tempdir().unwrap();
     let prefix = traces.path().join("t");
+    // The binary: strace attaches to the server's process.
     let s = Server::start();
     // Attached to every thread of the running server (the tokio workers and the blocking pool
     // that does the file I/O); requests start once strace says it is attached.

@@ -714,20 +714,13 @@ async fn login_throttle_and_upload_caps() {
 }
 
 /// The pull-through mirror in the wasi:http component (`DOCKSIDE_MIRROR_CONFIG`), its upstream
-/// a native `dockside serve` with token auth reached through wasi:http/outgoing-handler. Every
+/// a native test registry with token auth reached through wasi:http/outgoing-handler. Every
 /// request is a fresh instance: the token and the one-fetch lease live in the key-value store.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_through_the_wasi_component() {
-    let tmp = tempfile::tempdir().unwrap();
-    let auth = tmp.path().join("auth.toml");
-    std::fs::write(&auth, auth_toml()).unwrap();
-    let up = common::Server::builder()
-        .arg("--config")
-        .arg(&auth)
-        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
-        .start();
+    let up = common::upstream_with_scenario_auth(None);
     let http = common::client();
-    let base = up.base_url();
+    let base = up.url().to_owned();
     let layer = pseudo_random(4 * 1024 * 1024 + 1, 77);
     let ld = sha256(&layer);
     let r = http
@@ -757,9 +750,9 @@ async fn mirror_through_the_wasi_component() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), ld);
     }
-    let count = |needle: &str| up.log_lines().iter().filter(|l| l.contains(needle)).count();
-    assert_eq!(count(&format!("GET /v2/team/app/blobs/{ld} 200")), 1);
-    assert_eq!(count("GET /token 200"), 1);
+    let blob = format!("/v2/team/app/blobs/{ld}");
+    assert_eq!(common::served(&up, "GET", &blob, Some(200)), 1);
+    assert_eq!(common::served(&up, "GET", "/token", Some(200)), 1);
     let r = http
         .get(format!("http://{}/v2/up/team/app/blobs/{ld}", w.addr))
         .header("range", "bytes=0-3")
@@ -786,18 +779,24 @@ async fn mirror_through_the_wasi_component() {
 
 /// A cold blob streams through the wasi:http component while it is fetched (the component
 /// sends the core's early response while the request's future still runs): the upstream, a
-/// `dockside serve` behind a gate, is held at 4 MiB of 32 while the client must already have
-/// 1 MiB; then the whole blob, byte for byte, fetched once.
+/// native test registry behind a gate, is held at 4 MiB of 32 while the client must already
+/// have 1 MiB; then the whole blob, byte for byte, fetched once.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_streams_a_cold_blob_through_the_wasi_component() {
     use sha2::Digest as _;
-    let up = common::Server::start();
+    // In a directory: the corrupted-blob check below edits its store.
+    let up = dockside::testing::TestRegistry::builder()
+        .temp_dir()
+        .start();
     let http = common::client();
     let len = 32 * 1024 * 1024;
     let data = pseudo_random(len, 78);
     let d = sha256(&data);
     let r = http
-        .post(up.url(&format!("/v2/library/big/blobs/uploads/?digest={d}")))
+        .post(format!(
+            "{}/v2/library/big/blobs/uploads/?digest={d}",
+            up.url()
+        ))
         .body(data.clone())
         .send()
         .await
@@ -836,12 +835,8 @@ async fn mirror_streams_a_cold_blob_through_the_wasi_component() {
     let again = http.get(&url).send().await.unwrap();
     assert_eq!(again.status(), 200);
     assert!(again.bytes().await.unwrap() == data);
-    let count = up
-        .log_lines()
-        .iter()
-        .filter(|l| l.contains(&format!("GET /v2/library/big/blobs/{d} 200")))
-        .count();
-    assert_eq!(count, 1);
+    let blob = format!("/v2/library/big/blobs/{d}");
+    assert_eq!(common::served(&up, "GET", &blob, Some(200)), 1);
 
     // A corrupted blob: the streaming client's transfer fails, and it is never cached.
     let (bad, bad_len) = common::seed_corrupted(&http, &up, "library/bad").await;

@@ -113,6 +113,7 @@ async fn push_manifest(http: &reqwest::Client, s: &Server, tag: &str, body: &str
 #[tokio::test]
 async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
     let data = tempfile::tempdir().unwrap();
+    // The binary: run through unshare with its --data on a small tmpfs.
     let s = Server::builder()
         .data_dir(data.path())
         .wrapper(tmpfs_wrapper(data.path(), "size=32m"))

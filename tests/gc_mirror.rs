@@ -149,3 +149,186 @@ async fn mirrored_blobs_are_recorded_and_collected() {
     assert_eq!(r.status(), 200);
     assert_eq!(sha256_digest(&r.bytes().await.unwrap()), kept);
 }
+
+/// The keys under `repositories/<repo>/` and `gc/repos/<repo>/_` of the store in `data`.
+async fn keys_of(data: &std::path::Path, repo: &str) -> Vec<String> {
+    let kv = FsKv::new(data.join("kv")).unwrap();
+    let mut keys = kv
+        .list(&format!("repositories/{repo}/"), None, usize::MAX)
+        .await
+        .unwrap();
+    keys.extend(
+        kv.list(&format!("gc/repos/{repo}/_"), None, usize::MAX)
+            .await
+            .unwrap(),
+    );
+    keys
+}
+
+/// Pulls `repo:tag` (manifest and layer) through the mirror at `mb`; checks the layer's bytes.
+async fn pull(http: &reqwest::Client, mb: &str, repo: &str, tag: &str, layer: &str) {
+    let r = http
+        .get(format!("{mb}/v2/{repo}/manifests/{tag}"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("{mb}/v2/{repo}/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), layer);
+}
+
+/// Deletes manifest `repo:tag` by digest through the mirror at `mb` (its tag goes; the
+/// mirror's record of the tag stays, as any delete leaves it).
+async fn delete_by_digest(http: &reqwest::Client, mb: &str, repo: &str, tag: &str) {
+    let r = http
+        .head(format!("{mb}/v2/{repo}/manifests/{tag}"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let d = r.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let r = http
+        .delete(format!("{mb}/v2/{repo}/manifests/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
+fn has_record(keys: &[String], tag: &str) -> bool {
+    keys.iter()
+        .any(|k| k.ends_with(&format!("/_mirror/tags/{tag}")))
+}
+
+/// A mirrored repository that empties leaves nothing behind: its `_mirror/tags` records are
+/// cache, not content, so they neither keep it in the catalog nor outlive it. Two tags: `v1`
+/// goes by retention (its record with it), `v2` by a delete by digest (its record stays,
+/// until the repository empties). Once judged in pages by the admin request (`step_items =
+/// 2`, below the repository's keys), once whole by `dockside gc`; each time the next pull
+/// through the mirror fetches the image again from the upstream, byte for byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_emptied_mirrored_repository_takes_its_mirror_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    let up = Server::builder().start();
+    let ub = up.base_url();
+    let l1 = seed(&http, &ub, "library/app", "v1", 3).await;
+    let l2 = seed(&http, &ub, "library/app", "v2", 4).await;
+
+    let data = tmp.path().join("mirror");
+    std::fs::create_dir_all(&data).unwrap();
+    let conf = tmp.path().join("mirror.toml");
+    std::fs::write(
+        &conf,
+        format!("allow_push = true\n\n[[upstream]]\nurl = \"{ub}\"\n"),
+    )
+    .unwrap();
+    // Retention keeps no tag of library/** but `v2`, however young.
+    let gc_conf = tmp.path().join("gc.toml");
+    std::fs::write(
+        &gc_conf,
+        "grace_secs = 0\nstep_items = 2\n\n[[retention]]\nrepositories = \"library/**\"\nkeep_younger_than_secs = 0\nprotect = [\"v2\"]\n",
+    )
+    .unwrap();
+
+    for paged in [true, false] {
+        let mirror = Server::builder()
+            .arg("--mirror-config")
+            .arg(&conf)
+            .arg("--gc-config")
+            .arg(&gc_conf)
+            .data_dir(&data)
+            .start();
+        let mb = mirror.base_url();
+        pull(&http, &mb, "library/app", "v1", &l1).await;
+        pull(&http, &mb, "library/app", "v2", &l2).await;
+        delete_by_digest(&http, &mb, "library/app", "v2").await;
+        let before = keys_of(&data, "library/app").await;
+        assert!(
+            has_record(&before, "v1") && has_record(&before, "v2"),
+            "{before:?}"
+        );
+
+        // No grace, judged by whole seconds: let the pulls' second pass.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        if paged {
+            let mut judged_in_pages = false;
+            let mut steps = 0;
+            let p = loop {
+                let r = http
+                    .post(format!("{mb}/v2/_dockside/gc"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let p: serde_json::Value = r.json().await.unwrap();
+                judged_in_pages |= p["repo"]["name"] == "library/app";
+                steps += 1;
+                assert!(steps < 1000, "the collection never finished");
+                if p["phase"] == "idle" {
+                    break p;
+                }
+            };
+            assert!(judged_in_pages, "library/app was not judged in pages: {p}");
+            assert_eq!(p["last"]["repositories"], 1, "{p}");
+            assert_eq!(p["last"]["tags"], 1, "{p}");
+            mirror.stop();
+        } else {
+            mirror.stop();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
+                .arg("gc")
+                .arg("--data")
+                .arg(&data)
+                .arg("--gc-config")
+                .arg(&gc_conf)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let left = keys_of(&data, "library/app").await;
+        assert!(left.is_empty(), "paged: {paged}, left behind: {left:?}");
+        let kv = FsKv::new(data.join("kv")).unwrap();
+        assert!(kv.get("catalog/library/app").await.unwrap().is_none());
+        let blobs = FsBlobs::new(&data).unwrap();
+        for d in [&l1, &l2] {
+            assert!(blobs.size(&blob_path(d)).await.unwrap().is_none());
+        }
+
+        // Pulled again: fetched afresh from the upstream.
+        let mirror = Server::builder()
+            .arg("--mirror-config")
+            .arg(&conf)
+            .data_dir(&data)
+            .start();
+        let mb = mirror.base_url();
+        pull(&http, &mb, "library/app", "v2", &l2).await;
+        let cat: serde_json::Value = http
+            .get(format!("{mb}/v2/_catalog"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            cat["repositories"],
+            serde_json::json!(["library/app"]),
+            "{cat}"
+        );
+        mirror.stop();
+    }
+}

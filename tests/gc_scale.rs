@@ -16,29 +16,52 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-/// The memory store, counting `get`s.
+/// The memory store, counting `get`s (and compare-and-swaps), and every call; and failing
+/// every call once `fail_after` (when not 0) calls more have been made, as a collector
+/// killed at that point would stop.
 #[derive(Clone, Default)]
 struct Counting {
     kv: MemoryKv,
     gets: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+    fail_after: Arc<AtomicUsize>,
 }
 
 impl Counting {
+    fn call(&self) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let left = self.fail_after.load(Ordering::Relaxed);
+        if left == 1 {
+            return Err(StoreError::new("injected: the collector stops here"));
+        }
+        if left > 1 {
+            self.fail_after.store(left - 1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn gets(&self) -> usize {
         self.gets.load(Ordering::Relaxed)
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::Relaxed)
     }
 }
 
 impl KeyValue for Counting {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.get(key).await
     }
     async fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.call()?;
         self.kv.set(key, value).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.call()?;
         self.kv.delete(key).await
     }
     async fn list(
@@ -47,6 +70,7 @@ impl KeyValue for Counting {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        self.call()?;
         self.kv.list(prefix, after, limit).await
     }
     async fn compare_and_swap(
@@ -56,6 +80,7 @@ impl KeyValue for Counting {
         new: &[u8],
     ) -> Result<bool, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
+        self.call()?;
         self.kv.compare_and_swap(key, expected, new).await
     }
 }
@@ -76,13 +101,17 @@ fn hex(b: &[u8]) -> String {
 
 impl H {
     fn new() -> Self {
+        Self::with(GcConfig {
+            grace_secs: 0,
+            ..GcConfig::default()
+        })
+    }
+
+    fn with(gc: GcConfig) -> Self {
         let kv = Counting::default();
         let blobs = MemoryBlobs::new();
         let config = Config {
-            gc: GcConfig {
-                grace_secs: 0,
-                ..GcConfig::default()
-            },
+            gc,
             ..Config::default()
         };
         let r = Registry::new(kv.clone(), blobs.clone(), config);
@@ -373,4 +402,328 @@ async fn a_run_without_marks_is_restarted() {
         200,
     );
     assert_eq!(b.len(), "keep/me image 0 config".len());
+}
+
+/// One repository of 150 images, far more than one step's budget (`step_items = 40`), under
+/// retention `keep_newest = 10` with `keep-*` protected: the admin request, repeated until
+/// the run is done, judges it in pages (its state names the repository in progress) and no
+/// request makes more than a constant times `step_items` store calls, whatever the
+/// repository's size. The 10 newest tags and the protected one stay and pull byte for byte;
+/// the other tags answer 404 and their images' blobs are gone from the store, but for two
+/// images a protected index reaches.
+#[tokio::test]
+async fn a_large_repository_is_judged_in_bounded_steps() {
+    const BUDGET: usize = 40;
+    let h = H::with(
+        GcConfig::from_toml(&format!(
+            "grace_secs = 0\nstep_items = {BUDGET}\n\n[[retention]]\nrepositories = \"huge/**\"\nkeep_newest = 10\nprotect = [\"keep-*\"]\n"
+        ))
+        .unwrap(),
+    );
+    // A small repository beside it, judged whole within a step.
+    let small = h.push("aside", 0, &["v1".into()]).await;
+    let mut old = Vec::new();
+    for i in 0..140 {
+        let tag = if i == 3 {
+            "keep-me".to_owned()
+        } else {
+            format!("old-{i:03}")
+        };
+        old.push((tag.clone(), h.push("huge/repo", i, &[tag]).await));
+    }
+    // A protected index over two old images: their own tags go, but they stay, reached
+    // through it (marked in a later step than the one that saw the index's tag, maybe).
+    let mut children = Vec::new();
+    for i in [5, 6] {
+        let b = H::ok(
+            h.send(
+                Method::GET,
+                &format!("/v2/huge/repo/manifests/{}", old[i].1),
+                None,
+                b"",
+            )
+            .await,
+            200,
+        );
+        children.push(json!({"mediaType": MANIFEST, "digest": old[i].1, "size": b.len()}));
+    }
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": INDEX, "manifests": children,
+    }))
+    .unwrap();
+    H::ok(
+        h.send(
+            Method::PUT,
+            "/v2/huge/repo/manifests/keep-index",
+            Some(INDEX),
+            &index,
+        )
+        .await,
+        201,
+    );
+    old.push(("keep-index".into(), sha256(&index)));
+    // Retention ranks by push time, in whole seconds: the new ones come a second later.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut new = Vec::new();
+    for i in 140..150 {
+        let tag = format!("new-{i}");
+        new.push((tag.clone(), h.push("huge/repo", i, &[tag]).await));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let mut steps = 0;
+    let mut paged = false;
+    let mut worst = 0;
+    let mut worst_repositories = 0;
+    let p = loop {
+        let before = h.kv.calls();
+        let b = H::ok(
+            h.send(Method::POST, "/v2/_dockside/gc", None, b"").await,
+            200,
+        );
+        let calls = h.kv.calls() - before;
+        worst = worst.max(calls);
+        let p: Value = serde_json::from_slice(&b).unwrap();
+        if p["phase"] == "repositories" {
+            worst_repositories = worst_repositories.max(calls);
+        }
+        if p["repo"]["name"] == "huge/repo" {
+            paged = true;
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the collection never finished");
+        if p["phase"] == "idle" {
+            break p;
+        }
+    };
+    assert!(paged, "the large repository was never judged in pages");
+    // Bounded by the budget (plus one item's work and the request's own reads), not by the
+    // repository: judged whole, one step would read its 150 tags, 150 manifests and 300 links.
+    // (A blob record judged costs up to three calls: read, claim, delete.)
+    assert!(
+        worst_repositories <= 2 * BUDGET,
+        "a repository step made {worst_repositories} store calls (budget {BUDGET})"
+    );
+    assert!(
+        worst <= 4 * BUDGET,
+        "a step made {worst} store calls (budget {BUDGET})"
+    );
+    assert!(steps > 10, "{steps} steps for about 2 000 store calls");
+    assert_eq!(p["last"]["tags"], 139, "{p}");
+    assert_eq!(p["last"]["manifests"], 137, "{p}");
+    assert_eq!(p["last"]["blobs"], 2 * 137, "{p}");
+
+    let mut tags = h.tags("huge/repo").await;
+    tags.sort();
+    let mut want: Vec<String> = new.iter().map(|(t, _)| t.clone()).collect();
+    want.push("keep-me".into());
+    want.push("keep-index".into());
+    want.sort();
+    assert_eq!(tags, want);
+    let b = H::ok(
+        h.send(Method::GET, "/v2/huge/repo/manifests/keep-index", None, b"")
+            .await,
+        200,
+    );
+    assert_eq!(b, index);
+    let reached = [5, 6].map(|i| (format!("old-{i:03}"), old[i].1.clone()));
+    let survivors = new
+        .iter()
+        .chain(old.iter().filter(|(t, _)| t == "keep-me"))
+        .chain(reached.iter());
+    for (tag, d) in survivors {
+        // By digest: the reached images' tags are gone.
+        let b = H::ok(
+            h.send(
+                Method::GET,
+                &format!("/v2/huge/repo/manifests/{d}"),
+                None,
+                b"",
+            )
+            .await,
+            200,
+        );
+        assert_eq!(sha256(&b), *d, "{tag}");
+        let m: Value = serde_json::from_slice(&b).unwrap();
+        for desc in [&m["config"], &m["layers"][0]] {
+            let digest = desc["digest"].as_str().unwrap();
+            let b = H::ok(
+                h.send(
+                    Method::GET,
+                    &format!("/v2/huge/repo/blobs/{digest}"),
+                    None,
+                    b"",
+                )
+                .await,
+                200,
+            );
+            assert_eq!(sha256(&b), digest);
+        }
+    }
+    for (i, (tag, d)) in old.iter().enumerate() {
+        if tag.starts_with("keep-") {
+            continue;
+        }
+        let reached = i == 5 || i == 6;
+        H::ok(
+            h.send(
+                Method::GET,
+                &format!("/v2/huge/repo/manifests/{tag}"),
+                None,
+                b"",
+            )
+            .await,
+            404,
+        );
+        H::ok(
+            h.send(
+                Method::GET,
+                &format!("/v2/huge/repo/manifests/{d}"),
+                None,
+                b"",
+            )
+            .await,
+            if reached { 200 } else { 404 },
+        );
+        let config = sha256(format!("huge/repo image {i} config").as_bytes());
+        assert_eq!(h.stored(&config).await, reached, "{tag}'s config");
+    }
+    let b = H::ok(
+        h.send(
+            Method::GET,
+            &format!("/v2/aside/manifests/{small}"),
+            None,
+            b"",
+        )
+        .await,
+        200,
+    );
+    assert_eq!(sha256(&b), small);
+    // The collector's marks for the paged repository went with what they marked.
+    let marks = h.kv.kv.list("gc/repos/", None, usize::MAX).await.unwrap();
+    assert!(!marks.is_empty());
+    for k in marks {
+        let (kind, d) = k["gc/repos/huge/repo/_".len()..].split_once('/').unwrap();
+        let d = d.replacen('/', ":", 1);
+        let alive = if kind == "want" {
+            h.stored(&d).await
+        } else {
+            h.send(
+                Method::GET,
+                &format!("/v2/huge/repo/manifests/{d}"),
+                None,
+                b"",
+            )
+            .await
+            .0 == 200
+        };
+        assert!(alive, "{k} outlived what it marks");
+    }
+}
+
+/// A repository judged in pages by steps that stop at random points (the store fails every
+/// call from a random one on, as a killed instance would stop; the step answers 500 and saves
+/// no state), each followed by a whole step: the run still finishes, and after one more run
+/// (which finishes what the stopped steps claimed) the registry is what an uninterrupted run
+/// leaves: the 5 newest tags and their images pull byte for byte, the others answer 404 and
+/// their blobs are gone. Judged in pages (`step_items = 20`), and whole within a step
+/// (`step_items = 1000`, the stops spread over the same first calls).
+#[tokio::test]
+async fn a_large_repository_survives_steps_stopped_anywhere() {
+    stopped_anywhere(20).await;
+}
+
+#[tokio::test]
+async fn a_whole_repository_survives_steps_stopped_anywhere() {
+    stopped_anywhere(1000).await;
+}
+
+async fn stopped_anywhere(budget: usize) {
+    let h = H::with(
+        GcConfig::from_toml(&format!(
+            "grace_secs = 0\nstep_items = {budget}\n\n[[retention]]\nrepositories = \"big/**\"\nkeep_newest = 5\n"
+        ))
+        .unwrap(),
+    );
+    let mut old = Vec::new();
+    for i in 0..60 {
+        let tag = format!("old-{i:03}");
+        old.push((tag.clone(), h.push("big/one", i, &[tag]).await));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut new = Vec::new();
+    for i in 60..65 {
+        let tag = format!("new-{i}");
+        new.push((tag.clone(), h.push("big/one", i, &[tag]).await));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    // Stops within a step's calls: a paged step makes about 2 x budget, a whole one about
+    // 700 here (so several stopped steps in a row, each redoing the repository).
+    let (range, faulty) = if budget < 100 {
+        (3 * budget, 1)
+    } else {
+        (700, 8)
+    };
+    let mut seed: u64 = 14;
+    let (mut stopped, mut steps) = (0, 0);
+    loop {
+        for _ in 0..faulty {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            h.kv.fail_after
+                .store(2 + (seed >> 33) as usize % range, Ordering::Relaxed);
+            let (status, _) = h.send(Method::POST, "/v2/_dockside/gc", None, b"").await;
+            let left = h.kv.fail_after.swap(0, Ordering::Relaxed);
+            let failed = status == 500;
+            assert!(status == 200 || (failed && left == 1), "{status}");
+            stopped += usize::from(failed);
+        }
+        let b = H::ok(
+            h.send(Method::POST, "/v2/_dockside/gc", None, b"").await,
+            200,
+        );
+        let p: Value = serde_json::from_slice(&b).unwrap();
+        steps += 1;
+        assert!(steps < 5_000, "the collection never finished");
+        if p["phase"] == "idle" {
+            break;
+        }
+    }
+    assert!(stopped >= 3, "only {stopped} steps were stopped");
+    h.collect().await;
+
+    let mut tags = h.tags("big/one").await;
+    tags.sort();
+    let want: Vec<String> = new.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(tags, want);
+    for (i, (tag, d)) in old.iter().chain(new.iter()).enumerate() {
+        let kept = i >= 60;
+        let (status, b) = h
+            .send(
+                Method::GET,
+                &format!("/v2/big/one/manifests/{d}"),
+                None,
+                b"",
+            )
+            .await;
+        assert_eq!(status, if kept { 200 } else { 404 }, "{tag}");
+        let config = sha256(format!("big/one image {i} config").as_bytes());
+        let layer = sha256(format!("big/one image {i} layer").as_bytes());
+        for blob in [&config, &layer] {
+            assert_eq!(h.stored(blob).await, kept, "{tag}: {blob}");
+        }
+        if kept {
+            assert_eq!(sha256(&b), *d);
+            for blob in [&config, &layer] {
+                let b = H::ok(
+                    h.send(Method::GET, &format!("/v2/big/one/blobs/{blob}"), None, b"")
+                        .await,
+                    200,
+                );
+                assert_eq!(sha256(&b), *blob);
+            }
+        }
+    }
 }

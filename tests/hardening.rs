@@ -46,6 +46,7 @@ actions = ["pull", "push", "delete"]
 /// A server with access control on and `env` (the limits under test, set through their
 /// `DOCKSIDE_*` variables).
 fn start(dir: &std::path::Path, hash: &str, env: &[(&str, &str)]) -> Server {
+    // The binary: the limits come from its DOCKSIDE_* variables, and its RSS is measured.
     let mut b = Server::builder()
         .arg("--config")
         .arg(write_config(dir, hash))

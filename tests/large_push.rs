@@ -5,21 +5,36 @@
 
 mod common;
 
-use common::{Server, client, pseudo_random, sha256_digest};
+use common::{client, pseudo_random, sha256_digest};
+use dockside::testing::TestRegistry;
+
+/// `url` + `path`, or `location` if it is already absolute.
+fn at(s: &TestRegistry, location: &str) -> String {
+    if location.starts_with("http://") {
+        location.to_owned()
+    } else {
+        format!("{}{location}", s.url())
+    }
+}
+
+/// In a temporary directory, fsync on (the directory host's default, as `dockside serve`).
+fn start() -> TestRegistry {
+    TestRegistry::builder().temp_dir().start()
+}
 
 /// Past the early flush's start (32 MiB) and several of its steps (16 MiB).
 const SIZE: usize = 80 << 20;
 
-async fn pushed_and_pulled(s: &Server, repo: &str, data: &[u8], chunk: Option<usize>) {
+async fn pushed_and_pulled(s: &TestRegistry, repo: &str, data: &[u8], chunk: Option<usize>) {
     let c = client();
     let digest = sha256_digest(data);
     let r = c
-        .post(s.url(&format!("/v2/{repo}/blobs/uploads/")))
+        .post(at(s, &format!("/v2/{repo}/blobs/uploads/")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let mut loc = s.resolve(r.headers()["location"].to_str().unwrap());
+    let mut loc = at(s, r.headers()["location"].to_str().unwrap());
     let mut off = 0;
     if let Some(chunk) = chunk {
         while off < data.len() {
@@ -33,7 +48,7 @@ async fn pushed_and_pulled(s: &Server, repo: &str, data: &[u8], chunk: Option<us
                 .await
                 .unwrap();
             assert_eq!(r.status(), 202, "PATCH {off}-{end}");
-            loc = s.resolve(r.headers()["location"].to_str().unwrap());
+            loc = at(s, r.headers()["location"].to_str().unwrap());
             off = end;
         }
     }
@@ -47,7 +62,7 @@ async fn pushed_and_pulled(s: &Server, repo: &str, data: &[u8], chunk: Option<us
         .unwrap();
     assert_eq!(r.status(), 201, "closing PUT: {}", r.text().await.unwrap());
     let r = c
-        .get(s.url(&format!("/v2/{repo}/blobs/{digest}")))
+        .get(at(s, &format!("/v2/{repo}/blobs/{digest}")))
         .send()
         .await
         .unwrap();
@@ -58,8 +73,8 @@ async fn pushed_and_pulled(s: &Server, repo: &str, data: &[u8], chunk: Option<us
 }
 
 /// The temporary directory holds nothing once the pushes are done.
-fn no_temporary_files(s: &Server) {
-    let left: Vec<_> = std::fs::read_dir(s.data_dir().join("tmp"))
+fn no_temporary_files(s: &TestRegistry) {
+    let left: Vec<_> = std::fs::read_dir(s.data_dir().unwrap().join("tmp"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -68,14 +83,14 @@ fn no_temporary_files(s: &Server) {
 
 #[tokio::test]
 async fn large_monolithic_push_with_fsync_reads_back() {
-    let s = Server::start();
+    let s = start();
     pushed_and_pulled(&s, "big/mono", &pseudo_random(SIZE, 1), None).await;
     no_temporary_files(&s);
 }
 
 #[tokio::test]
 async fn large_chunked_push_with_fsync_reads_back() {
-    let s = Server::start();
+    let s = start();
     // 48 MiB PATCHes: each part is flushed early, then synced at its end.
     pushed_and_pulled(&s, "big/chunked", &pseudo_random(SIZE, 2), Some(48 << 20)).await;
     no_temporary_files(&s);
@@ -84,12 +99,15 @@ async fn large_chunked_push_with_fsync_reads_back() {
 /// A digest mismatch after an early flush: 400, and the flushed part is gone.
 #[tokio::test]
 async fn large_push_with_a_wrong_digest_leaves_nothing() {
-    let s = Server::start();
+    let s = start();
     let c = client();
     let data = pseudo_random(SIZE, 3);
     let wrong = sha256_digest(b"something else");
     let r = c
-        .post(s.url(&format!("/v2/big/bad/blobs/uploads/?digest={wrong}")))
+        .post(at(
+            &s,
+            &format!("/v2/big/bad/blobs/uploads/?digest={wrong}"),
+        ))
         .body(data)
         .send()
         .await
@@ -98,13 +116,13 @@ async fn large_push_with_a_wrong_digest_leaves_nothing() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "DIGEST_INVALID");
     let r = c
-        .head(s.url(&format!("/v2/big/bad/blobs/{wrong}")))
+        .head(at(&s, &format!("/v2/big/bad/blobs/{wrong}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     no_temporary_files(&s);
-    let uploads = s.data_dir().join("uploads");
+    let uploads = s.data_dir().unwrap().join("uploads");
     let left = std::fs::read_dir(&uploads).map_or(0, |d| d.count());
     assert_eq!(left, 0, "parts left in {}", uploads.display());
 }
@@ -112,12 +130,12 @@ async fn large_push_with_a_wrong_digest_leaves_nothing() {
 /// Tagging a stored manifest again (and again with the same tag) answers 201 and serves it.
 #[tokio::test]
 async fn retagging_a_stored_manifest() {
-    let s = Server::start();
+    let s = start();
     let c = client();
     let config = br#"{"architecture":"amd64","os":"linux"}"#;
     let cd = sha256_digest(config);
     let r = c
-        .post(s.url(&format!("/v2/re/tag/blobs/uploads/?digest={cd}")))
+        .post(at(&s, &format!("/v2/re/tag/blobs/uploads/?digest={cd}")))
         .body(config.to_vec())
         .send()
         .await
@@ -133,7 +151,7 @@ async fn retagging_a_stored_manifest() {
     let md = sha256_digest(&manifest);
     for tag in ["a", "b", "a", "b"] {
         let r = c
-            .put(s.url(&format!("/v2/re/tag/manifests/{tag}")))
+            .put(at(&s, &format!("/v2/re/tag/manifests/{tag}")))
             .header("content-type", "application/vnd.oci.image.manifest.v1+json")
             .body(manifest.clone())
             .send()
@@ -144,7 +162,7 @@ async fn retagging_a_stored_manifest() {
     }
     for tag in ["a", "b"] {
         let r = c
-            .get(s.url(&format!("/v2/re/tag/manifests/{tag}")))
+            .get(at(&s, &format!("/v2/re/tag/manifests/{tag}")))
             .header("accept", "application/vnd.oci.image.manifest.v1+json")
             .send()
             .await
@@ -152,7 +170,7 @@ async fn retagging_a_stored_manifest() {
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.unwrap(), manifest);
     }
-    let r = c.get(s.url("/v2/re/tag/tags/list")).send().await.unwrap();
+    let r = c.get(at(&s, "/v2/re/tag/tags/list")).send().await.unwrap();
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
 }

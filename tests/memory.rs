@@ -152,6 +152,7 @@ fn slow_client() -> reqwest::Client {
 /// Starts a server and warms it up with a few tiny requests (the code paths of the big ones);
 /// returns it with its peak RSS afterwards.
 async fn warm_server(c: &reqwest::Client, repo: &str) -> (Server, u64) {
+    // The binary: the server's own process's RSS is measured, apart from the test's.
     let s = Server::start();
     let resp = c.get(s.url("/v2/")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);

@@ -1,7 +1,8 @@
 //! The pull-through mirror (`--mirror-config`, src/mirror) against real upstreams on loopback:
-//! another `dockside serve`, with token authentication or without, seeded over HTTP with
-//! multi-platform images. Everything goes through the HTTP surface; upstream requests are
-//! counted from the upstream's own access log.
+//! a test registry (`dockside::testing`), with token authentication or without, seeded over
+//! HTTP with multi-platform images. Everything goes through the HTTP surface; upstream requests
+//! are counted from those the upstream served. The mirror is `dockside serve --mirror-config`,
+//! the binary (its flag, and its data directory across restarts, are under test).
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Server, client, pseudo_random, sha256_digest};
+use dockside::testing::TestRegistry;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -55,12 +57,16 @@ actions = ["*"]
     )
 }
 
-fn start_upstream(auth: bool, dir: &Path) -> Server {
-    let mut b = Server::builder();
+fn start_upstream(auth: bool) -> TestRegistry {
+    let mut b = TestRegistry::builder().temp_dir();
     if auth {
-        let f = dir.join("upstream-auth.toml");
-        std::fs::write(&f, upstream_auth()).unwrap();
-        b = b.arg("--config").arg(f);
+        let auth = dockside::AuthConfig::from_toml(&upstream_auth())
+            .unwrap()
+            .map(std::sync::Arc::new);
+        b = b.config(dockside::Config {
+            auth,
+            ..Default::default()
+        });
     }
     b.start()
 }
@@ -68,6 +74,7 @@ fn start_upstream(auth: bool, dir: &Path) -> Server {
 fn start_mirror(config: &str, dir: &Path, data: Option<&Path>) -> Server {
     let f = dir.join(format!("mirror-{}.toml", sha256_digest(config.as_bytes())));
     std::fs::write(&f, config).unwrap();
+    // The binary: its --mirror-config and its data directory are under test.
     let mut b = Server::builder().arg("--mirror-config").arg(f);
     if let Some(d) = data {
         b = b.data_dir(d);
@@ -191,9 +198,17 @@ async fn get(
     (s, ct, d, r.bytes().await.unwrap().to_vec())
 }
 
-/// How many requests the upstream answered whose access-log line contains `needle`.
-fn upstream_count(up: &Server, needle: &str) -> usize {
-    up.log_lines().iter().filter(|l| l.contains(needle)).count()
+/// How many requests the upstream answered with `method` on `path` (its query aside), and
+/// `status` if given.
+fn upstream_count(up: &TestRegistry, method: &str, path: &str, status: Option<u16>) -> usize {
+    up.requests()
+        .iter()
+        .filter(|r| {
+            r.method == method
+                && r.path.split('?').next() == Some(path)
+                && status.is_none_or(|s| r.status == s)
+        })
+        .count()
 }
 
 /// Pulls the whole image `repo:tag` through the mirror and checks it byte for byte against
@@ -268,10 +283,10 @@ fn error_code(body: &[u8]) -> String {
 async fn token_upstream_pull_through_cache_offline_and_push_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(true, tmp.path());
+    let up = start_upstream(true);
     let seeder = Seeder {
         http: http.clone(),
-        base: up.base_url(),
+        base: up.url().to_owned(),
         auth: Some(("admin", "admin-pw")),
     };
     let (_, blobs) = seeder.image("team/app", "v1", 1).await;
@@ -294,8 +309,8 @@ password = "alice-pw"
 url = "{}"
 prefix = "anon/"
 "#,
-        up.base_url(),
-        up.base_url()
+        up.url(),
+        up.url()
     );
     let mirror_data = tempfile::tempdir().unwrap();
     let mirror = start_mirror(&config, tmp.path(), Some(mirror_data.path()));
@@ -305,7 +320,7 @@ prefix = "anon/"
     pull_and_compare(
         &http,
         &mb,
-        &up.base_url(),
+        up.url(),
         "hub/team/app",
         "team/app",
         "v1",
@@ -315,7 +330,7 @@ prefix = "anon/"
     pull_and_compare(
         &http,
         &mb,
-        &up.base_url(),
+        up.url(),
         "anon/public/base",
         "public/base",
         "3.20",
@@ -382,7 +397,7 @@ prefix = "anon/"
 
     // Tokens live in the key-value store, not in memory: a restarted mirror on the same data
     // asks the token service nothing for a scope it has a token for.
-    let tokens_before = upstream_count(&up, "GET /token");
+    let tokens_before = upstream_count(&up, "GET", "/token", None);
     assert!(tokens_before >= 1, "the Bearer flow was used");
     assert!(
         std::fs::read_dir(mirror_data.path().join("kv/mirror-tokens"))
@@ -398,7 +413,7 @@ prefix = "anon/"
     assert_eq!(s, StatusCode::OK);
     assert_eq!(sha256_digest(&b), extra);
     assert_eq!(
-        upstream_count(&up, "GET /token"),
+        upstream_count(&up, "GET", "/token", None),
         tokens_before,
         "the stored token was reused"
     );
@@ -434,10 +449,10 @@ prefix = "anon/"
 async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(false, tmp.path());
+    let up = start_upstream(false);
     let seeder = Seeder {
         http: http.clone(),
-        base: up.base_url(),
+        base: up.url().to_owned(),
         auth: None,
     };
     let (first, _) = seeder.image("library/alpine", "latest", 1).await;
@@ -445,7 +460,7 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let config = format!(
         "tag_ttl_secs = 3\n[[upstream]]\nurl = \"{0}\"\n\n\
          [[upstream]]\nurl = \"{0}\"\nprefix = \"hub/\"\nlibrary = true\n",
-        up.base_url()
+        up.url()
     );
     let mirror = start_mirror(&config, tmp.path(), None);
     let mb = mirror.base_url();
@@ -455,12 +470,12 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let (second, _) = seeder.image("library/alpine", "latest", 2).await;
     assert_ne!(first, second);
     // Within the TTL: the cached one, without asking upstream.
-    let heads = upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest");
+    let heads = upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None);
     let (_, _, d, _) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
     if started.elapsed() < Duration::from_secs(3) {
         assert_eq!(d, d1);
         assert_eq!(
-            upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest"),
+            upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None),
             heads
         );
     }
@@ -468,7 +483,7 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let (s, _, d2, b) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
     assert_eq!((s, &b), (StatusCode::OK, &second));
     assert_eq!(d2, sha256_digest(&second));
-    assert!(upstream_count(&up, "HEAD /v2/library/alpine/manifests/latest") > heads);
+    assert!(upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None) > heads);
     let (s, _, d4, _) = get(&http, &mb, "/v2/hub/alpine/manifests/latest", &[]).await;
     assert_eq!((s, d4), (StatusCode::OK, d2.clone()));
     // containerd's form: the upstream's own name and ?ns=<its host>.
@@ -487,10 +502,10 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
 async fn corrupted_upstream_blob_is_refused_and_never_stored() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(false, tmp.path());
+    let up = start_upstream(false);
     let seeder = Seeder {
         http: http.clone(),
-        base: up.base_url(),
+        base: up.url().to_owned(),
         auth: None,
     };
     let data = pseudo_random(2 * 1024 * 1024 + 7, 5);
@@ -499,12 +514,13 @@ async fn corrupted_upstream_blob_is_refused_and_never_stored() {
     // Same length, one byte changed, in the upstream's own store.
     let path = up
         .data_dir()
+        .unwrap()
         .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
     let mut bad = std::fs::read(&path).unwrap();
     bad[1_000_000] ^= 0xff;
     std::fs::write(&path, &bad).unwrap();
 
-    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.base_url());
+    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.url());
     let mirror = start_mirror(&config, tmp.path(), None);
     let mb = mirror.base_url();
     // With a `Range`, a cold blob is fetched whole before the answer (as on adapters that
@@ -551,15 +567,15 @@ async fn ten_concurrent_pulls_of_one_large_layer_fetch_it_once() {
         .unwrap_or(512);
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(false, tmp.path());
+    let up = start_upstream(false);
     let seeder = Seeder {
         http: http.clone(),
-        base: up.base_url(),
+        base: up.url().to_owned(),
         auth: None,
     };
     let data = pseudo_random(mib * 1024 * 1024, 7);
     let d = seeder.blob("library/big", data).await;
-    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.base_url());
+    let config = format!("[[upstream]]\nurl = \"{}\"\n", up.url());
     let mirror = start_mirror(&config, tmp.path(), None);
     let mb = mirror.base_url();
     let mut tasks = Vec::new();
@@ -587,7 +603,7 @@ async fn ten_concurrent_pulls_of_one_large_layer_fetch_it_once() {
         assert_eq!(t.await.unwrap(), mib * 1024 * 1024);
     }
     assert_eq!(
-        upstream_count(&up, &format!("GET /v2/library/big/blobs/{d} 200")),
+        upstream_count(&up, "GET", &format!("/v2/library/big/blobs/{d}"), Some(200)),
         1,
         "one upstream fetch for ten clients"
     );
@@ -634,8 +650,8 @@ fn referrer_digests(body: &[u8]) -> Vec<String> {
 async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(true, tmp.path());
-    let ub = up.base_url();
+    let up = start_upstream(true);
+    let ub = up.url().to_owned();
     let admin = Some(("admin", "admin-pw"));
     let seeder = Seeder {
         http: http.clone(),
@@ -768,7 +784,7 @@ async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(error_code(&body), "NAME_UNKNOWN");
-    let tag_lists = upstream_count(&up, "GET /v2/team/app/tags/list");
+    let tag_lists = upstream_count(&up, "GET", "/v2/team/app/tags/list", None);
     assert!(
         tag_lists >= 3,
         "tags lists were asked upstream: {tag_lists}"
@@ -795,8 +811,8 @@ async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
 async fn referrers_pages_follow_the_upstream_through_the_mirror() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = start_upstream(false, tmp.path());
-    let ub = up.base_url();
+    let up = start_upstream(false);
+    let ub = up.url().to_owned();
     let seeder = std::sync::Arc::new(Seeder {
         http: http.clone(),
         base: ub.clone(),

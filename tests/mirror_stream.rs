@@ -1,7 +1,9 @@
 //! The mirror streams a blob to its first client while it is fetched (src/mirror/stream.rs):
-//! a real upstream (`dockside serve`) behind a TCP gate that forwards only a byte budget of
-//! what the upstream sends, so a test can hold the upstream part-way and look at what the
-//! client already has. Upstream fetches are counted from the upstream's own access log.
+//! a real upstream (the test registry of `dockside::testing`) behind a TCP gate that forwards
+//! only a byte budget of what the upstream sends, so a test can hold the upstream part-way and
+//! look at what the client already has. Upstream fetches are counted from the requests the
+//! upstream served. The mirror itself is `dockside serve --mirror-config`, the binary: its
+//! data directory on disk is what the tests look at.
 
 mod common;
 #[path = "common/gate.rs"]
@@ -11,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Server, client, pseudo_random, sha256_digest};
+use dockside::testing::TestRegistry;
 use gate::gate;
 use reqwest::StatusCode;
 use sha2::Digest as _;
@@ -24,13 +27,14 @@ fn start_mirror(upstream_url: &str, extra: &str, dir: &Path) -> Server {
         format!("{extra}\n[[upstream]]\nurl = \"{upstream_url}\"\n"),
     )
     .unwrap();
+    // The binary: its --mirror-config and the data directory it fills are under test.
     Server::builder().arg("--mirror-config").arg(f).start()
 }
 
-async fn seed(http: &reqwest::Client, up: &Server, repo: &str, data: Vec<u8>) -> String {
+async fn seed(http: &reqwest::Client, up: &TestRegistry, repo: &str, data: Vec<u8>) -> String {
     let d = sha256_digest(&data);
     let r = http
-        .post(up.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", up.url()))
         .header("content-type", "application/octet-stream")
         .body(data)
         .send()
@@ -40,11 +44,11 @@ async fn seed(http: &reqwest::Client, up: &Server, repo: &str, data: Vec<u8>) ->
     d
 }
 
-fn upstream_gets(up: &Server, repo: &str, d: &str) -> usize {
-    let needle = format!("GET /v2/{repo}/blobs/{d} 200");
-    up.log_lines()
+fn upstream_gets(up: &TestRegistry, repo: &str, d: &str) -> usize {
+    let path = format!("/v2/{repo}/blobs/{d}");
+    up.requests()
         .iter()
-        .filter(|l| l.contains(&needle))
+        .filter(|r| r.method == "GET" && r.path == path && r.status == 200)
         .count()
 }
 
@@ -83,7 +87,7 @@ async fn cold_blob_streams_to_the_client_before_the_upstream_has_sent_it() {
         .unwrap_or(256);
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::start();
+    let up = TestRegistry::start();
     let data = pseudo_random(mib * MIB, 21);
     let d = seed(&http, &up, "library/big", data.clone()).await;
     let budget = 16 * MIB as u64;
@@ -133,18 +137,19 @@ async fn cold_blob_streams_to_the_client_before_the_upstream_has_sent_it() {
 async fn corrupted_upstream_blob_aborts_the_streaming_client_and_stores_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::start();
+    let up = TestRegistry::builder().temp_dir().start();
     let len = 24 * MIB + 5;
     let data = pseudo_random(len, 22);
     let d = seed(&http, &up, "library/bad", data.clone()).await;
     let hex = d.trim_start_matches("sha256:");
     let path = up
         .data_dir()
+        .unwrap()
         .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
     let mut bad = std::fs::read(&path).unwrap();
     bad[len - 100] ^= 0xff; // in the very last chunk: everything before it is good
     std::fs::write(&path, &bad).unwrap();
-    let mirror = start_mirror(&up.base_url(), "", tmp.path());
+    let mirror = start_mirror(up.url(), "", tmp.path());
     let url = mirror.url(&format!("/v2/library/bad/blobs/{d}"));
     for _ in 0..2 {
         let mut r = http.get(&url).send().await.unwrap();
@@ -208,7 +213,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn a_client_that_goes_away_abandons_the_fetch() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::start();
+    let up = TestRegistry::start();
     let data = pseudo_random(48 * MIB, 23);
     let d = seed(&http, &up, "library/left", data.clone()).await;
     let (gate_url, gate) = gate(up.addr(), 8 * MIB as u64).await;
@@ -240,7 +245,7 @@ async fn a_client_that_goes_away_abandons_the_fetch() {
 async fn a_fetch_longer_than_its_lease_keeps_it() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::start();
+    let up = TestRegistry::start();
     let data = pseudo_random(32 * MIB, 24);
     let d = seed(&http, &up, "library/slow", data.clone()).await;
     let (gate_url, gate) = gate(up.addr(), 4 * MIB as u64).await;

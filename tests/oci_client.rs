@@ -1,4 +1,5 @@
-//! The `oci-client` crate against the real server: push an image (config and two layers of a few
+//! The `oci-client` crate against the server (the test registry of `dockside::testing`, which
+//! serves through the binary's server adapter, as another crate's tests would use it): push an image (config and two layers of a few
 //! MiB, so the client's chunked upload sends several PATCHes), pull it back byte for byte, and
 //! find an artifact through the referrers API.
 
@@ -6,9 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use std::net::SocketAddr;
-
-use common::{Server, pseudo_random, sha256_digest};
+use common::{pseudo_random, sha256_digest};
 use dockside::testing::TestRegistry;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::{
@@ -30,31 +29,13 @@ fn oci_client(monolithic: bool) -> Client {
     })
 }
 
-/// A registry to push to: the `dockside` binary (whose access log the tests that count requests
-/// read) or the in-process test registry of `dockside::testing`, as another crate's tests use it.
-trait Target {
-    fn addr(&self) -> SocketAddr;
-}
-
-impl Target for Server {
-    fn addr(&self) -> SocketAddr {
-        Server::addr(self)
-    }
-}
-
-impl Target for TestRegistry {
-    fn addr(&self) -> SocketAddr {
-        TestRegistry::addr(self)
-    }
-}
-
-fn reference(s: &impl Target, repo: &str, tag: &str) -> Reference {
+fn reference(s: &TestRegistry, repo: &str, tag: &str) -> Reference {
     format!("{}/{repo}:{tag}", s.addr())
         .parse()
         .expect("a valid reference")
 }
 
-fn by_digest(s: &impl Target, repo: &str, digest: &str) -> Reference {
+fn by_digest(s: &TestRegistry, repo: &str, digest: &str) -> Reference {
     Reference::with_digest(s.addr().to_string(), repo.to_owned(), digest.to_owned())
 }
 
@@ -81,16 +62,19 @@ fn image(seed: u64) -> (Config, Vec<ImageLayer>) {
     (Config::oci_v1(config, None), layers)
 }
 
-/// Lines of the server's access log for requests of `method` under `/v2/<repo>/blobs/uploads/`.
-fn upload_requests(s: &Server, method: &str, repo: &str) -> usize {
-    let needle = format!(" {method} /v2/{repo}/blobs/uploads/");
-    s.log_lines().iter().filter(|l| l.contains(&needle)).count()
+/// Requests of `method` under `/v2/<repo>/blobs/uploads/` the registry answered.
+fn upload_requests(s: &TestRegistry, method: &str, repo: &str) -> usize {
+    let prefix = format!("/v2/{repo}/blobs/uploads/");
+    s.requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.starts_with(&prefix))
+        .count()
 }
 
 /// Pushes an image with `client`, pulls it back and checks every byte; returns the manifest's
 /// raw bytes and digest.
 async fn push_and_pull(
-    s: &impl Target,
+    s: &TestRegistry,
     client: &Client,
     repo: &str,
     seed: u64,
@@ -171,7 +155,7 @@ async fn push_and_pull(
 
 #[tokio::test]
 async fn chunked_push_then_pull_byte_for_byte() {
-    let s = Server::start();
+    let s = TestRegistry::start();
     let client = oci_client(false);
     push_and_pull(&s, &client, "oci/chunked", 1).await;
 
@@ -195,7 +179,7 @@ async fn chunked_push_then_pull_byte_for_byte() {
 
 #[tokio::test]
 async fn monolithic_push_then_pull_byte_for_byte() {
-    let s = Server::start();
+    let s = TestRegistry::start();
     let client = oci_client(true);
     push_and_pull(&s, &client, "oci/monolithic", 2).await;
     assert_eq!(upload_requests(&s, "PATCH", "oci/monolithic"), 0);

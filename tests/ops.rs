@@ -20,6 +20,7 @@ use serde_json::Value;
 /// A server on HTTPS with a certificate from `ca`, files in `dir`, and `args`.
 fn tls_server(ca: &TestCa, dir: &std::path::Path, args: &[&str]) -> Server {
     let (cert, key) = ca.issue_into(dir);
+    // The binary: --tls-cert/--tls-key, reloads on change and SIGHUP.
     Server::builder()
         .arg("--tls-cert")
         .arg(cert)
@@ -489,6 +490,7 @@ async fn probes_answer_without_credentials_and_ready_fails_with_a_store() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dockside.toml");
     std::fs::write(&config, common::scenarios::auth_toml()).unwrap();
+    // The binary: --config, and its --data directory taken away under it.
     let s = Server::builder()
         .arg("--config")
         .arg(&config)
@@ -559,6 +561,7 @@ fn metrics_url(s: &Server) -> String {
 
 #[tokio::test]
 async fn metrics_count_a_push_and_a_pull() {
+    // The binary: --metrics-listen, found in its log.
     let s = Server::builder()
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start();
@@ -654,6 +657,7 @@ async fn metrics_count_auth_failures() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dockside.toml");
     std::fs::write(&config, common::scenarios::auth_toml()).unwrap();
+    // The binary: --config and --metrics-listen.
     let s = Server::builder()
         .arg("--config")
         .arg(&config)
@@ -711,6 +715,7 @@ async fn metrics_count_auth_failures() {
 
 #[tokio::test]
 async fn an_upload_in_progress_is_a_gauge() {
+    // The binary: --metrics-listen.
     let s = Server::builder()
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start();
@@ -754,6 +759,7 @@ fn tokio_stream(
 
 #[tokio::test]
 async fn json_logs_carry_the_request_id_of_the_response_header() {
+    // The binary: its access log, as a log, with --log-format json.
     let s = Server::builder().args(["--log-format", "json"]).start();
     let c = client();
     // A sane id from the client is kept.
@@ -822,6 +828,7 @@ async fn json_logs_carry_the_request_id_of_the_response_header() {
 
 #[tokio::test]
 async fn text_logs_stay_one_line_per_request_with_the_id_last() {
+    // The binary: its access log, as a log.
     let s = Server::start();
     let r = client()
         .get(s.url("/v2/"))

@@ -42,6 +42,7 @@ impl Shared {
     /// A `dockside serve` on these stores (and a data directory of its own, unused).
     fn start(&self, extra: &[&str]) -> Server {
         let g = garage::garage();
+        // The binary: several processes on one store, --kv/--blobs, killed and restarted.
         Server::builder()
             .args(["--kv", &self.redis_url, "--kv-prefix", &self.redis_prefix])
             .args(["--blobs", &self.s3_url])
@@ -333,6 +334,7 @@ async fn blob_redirect_sends_clients_to_the_bucket() {
     let shared = Shared::new();
     let g = garage::garage();
     // Keys in the instance's own directory here: S3 blobs with the default key-value store.
+    // The binary: --blob-redirect.
     let server = Server::builder()
         .args(["--blobs", &shared.s3_url, "--blob-redirect", "60"])
         .env("DOCKSIDE_S3_ACCESS_KEY", &g.access_key)
@@ -574,6 +576,7 @@ async fn stale_uploads_are_purged_on_shared_stores() {
 async fn ready_follows_the_shared_stores() {
     let g = garage::garage();
     let redis = redis_server::RedisServer::start();
+    // The binary: its start-up check and /ready on --kv/--blobs.
     let s = Server::builder()
         .args([
             "--kv",

@@ -2,6 +2,9 @@
 //! spec, success and failure paths, the command-line switches, a graceful stop and a restart.
 //!
 //! Each test starts its own `dockside serve` process on 127.0.0.1 with its own data directory.
+//! The binary on purpose, not `dockside::testing::TestRegistry`: this is the shipped server's
+//! end-to-end suite (its command line, its default `--data` directory on the blocking pool with
+//! fsync, signals, restarts); tests/api.rs runs the same endpoints in process on every host.
 
 mod common;
 

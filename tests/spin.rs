@@ -1360,22 +1360,15 @@ async fn limits_across_instances(store: Store) {
     assert_eq!(r.status(), 202);
 }
 
-/// The pull-through mirror under `spin up` (README, "Mirror"): the upstream a native
-/// `dockside serve` with token auth, reached through Spin's outbound HTTP (allowed by the
+/// The pull-through mirror under `spin up` (README, "Mirror"): the upstream a native test
+/// registry with token auth, reached through Spin's outbound HTTP (allowed by the
 /// variable `mirror_upstream`). Every request is a fresh instance, so the upstream token and
 /// the one-fetch lease can only be in the key-value store.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_through_spin() {
-    let tmp = tempfile::tempdir().unwrap();
-    let auth = tmp.path().join("auth.toml");
-    std::fs::write(&auth, auth_toml()).unwrap();
-    let up = common::Server::builder()
-        .arg("--config")
-        .arg(&auth)
-        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
-        .start();
+    let up = common::upstream_with_scenario_auth(None);
     let http = common::client();
-    let base = up.base_url();
+    let base = up.url().to_owned();
     let push = |path: String, body: Vec<u8>, ct: &'static str| {
         let http = http.clone();
         async move {
@@ -1457,10 +1450,15 @@ async fn mirror_through_spin() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), ld);
     }
-    let count = |needle: &str| up.log_lines().iter().filter(|l| l.contains(needle)).count();
-    assert_eq!(count(&format!("GET /v2/team/app/blobs/{ld} 200")), 1);
+    let blob = format!("/v2/team/app/blobs/{ld}");
+    assert_eq!(common::served(&up, "GET", &blob, Some(200)), 1);
     // The token from the first request served the others (kept in Spin's key-value store).
-    assert_eq!(count("GET /token 200"), 1, "{}", up.log_lines().join("\n"));
+    assert_eq!(
+        common::served(&up, "GET", "/token", Some(200)),
+        1,
+        "{:?}",
+        up.requests()
+    );
 
     // Range from the cache; pushes refused; upstream stopped, the cached layer still served.
     let r = http
@@ -1503,15 +1501,7 @@ async fn mirror_token_realm_on_another_host_through_spin() {
     let realm_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let realm_port = realm_listener.local_addr().unwrap().port();
     let realm_origin = format!("http://localhost:{realm_port}");
-    let tmp = tempfile::tempdir().unwrap();
-    let auth = tmp.path().join("auth.toml");
-    std::fs::write(&auth, auth_toml()).unwrap();
-    let up = common::Server::builder()
-        .arg("--config")
-        .arg(&auth)
-        .env("DOCKSIDE_AUTH_SECRET", AUTH_SECRET)
-        .env("DOCKSIDE_AUTH_REALM", format!("{realm_origin}/token"))
-        .start();
+    let up = common::upstream_with_scenario_auth(Some(&format!("{realm_origin}/token")));
     // The token service's host: every connection forwarded to the upstream.
     let up_addr = up.addr();
     tokio::spawn(async move {
@@ -1524,7 +1514,7 @@ async fn mirror_token_realm_on_another_host_through_spin() {
         }
     });
     let http = common::client();
-    let base = up.base_url();
+    let base = up.url().to_owned();
     let layer = pseudo_random(300_000, 43);
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
     let (cd, ld) = (sha256_digest(&config), sha256_digest(&layer));
@@ -1614,24 +1604,30 @@ async fn mirror_token_realm_on_another_host_through_spin() {
     assert_eq!(r.status(), 200, "{}", spin.component_stderr());
     assert_eq!(sha256_digest(&r.bytes().await.unwrap()), ld);
     assert!(
-        up.log_lines().iter().any(|l| l.contains("GET /token 200")),
+        common::served(&up, "GET", "/token", Some(200)) > 0,
         "a token from the realm on the other host"
     );
 }
 
 /// A cold blob streams through the Spin component while it is fetched (its body polls the
-/// request's future, which feeds it): the upstream, a `dockside serve` behind a gate, is held
-/// at 4 MiB of 24 while the client must already have 1 MiB; then the whole blob, byte for
+/// request's future, which feeds it): the upstream, a native test registry behind a gate, is
+/// held at 4 MiB of 24 while the client must already have 1 MiB; then the whole blob, byte for
 /// byte, fetched once, and served again from Spin's key-value store.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirror_streams_a_cold_blob_through_spin() {
-    let up = common::Server::start();
+    // In a directory: the corrupted-blob check below edits its store.
+    let up = dockside::testing::TestRegistry::builder()
+        .temp_dir()
+        .start();
     let http = common::client();
     let len = 24 * 1024 * 1024;
     let data = pseudo_random(len, 79);
     let d = sha256_digest(&data);
     let r = http
-        .post(up.url(&format!("/v2/library/big/blobs/uploads/?digest={d}")))
+        .post(format!(
+            "{}/v2/library/big/blobs/uploads/?digest={d}",
+            up.url()
+        ))
         .body(data.clone())
         .send()
         .await
@@ -1679,12 +1675,8 @@ async fn mirror_streams_a_cold_blob_through_spin() {
     let again = http.get(&url).send().await.unwrap();
     assert_eq!(again.status(), 200, "{}", spin.component_stderr());
     assert!(again.bytes().await.unwrap() == data);
-    let count = up
-        .log_lines()
-        .iter()
-        .filter(|l| l.contains(&format!("GET /v2/library/big/blobs/{d} 200")))
-        .count();
-    assert_eq!(count, 1);
+    let blob = format!("/v2/library/big/blobs/{d}");
+    assert_eq!(common::served(&up, "GET", &blob, Some(200)), 1);
 
     // A corrupted blob: the streaming client's transfer fails, and it is never cached.
     let (bad, bad_len) = common::seed_corrupted(&http, &up, "library/bad").await;
@@ -1727,7 +1719,7 @@ fn store_keys(spin: &Spin, store: Store) -> Vec<String> {
 
 /// `POST /v2/_dockside/gc` end to end under `spin up`, settings from the Spin variable
 /// `gc_config` (no grace, 3 keys a step, so a run takes several requests, each on a fresh
-/// instance, resuming from the state in the store): an anonymous caller gets 401 and a
+/// instance, resuming from the state in the store, the repository judged in pages): an anonymous caller gets 401 and a
 /// pull-only user 403, both in the error envelope; the admin steps until the run is done; the
 /// deleted image's blobs are gone from the store (their chunk keys too), the other image
 /// pulls byte for byte.
@@ -1837,17 +1829,21 @@ actions = ["pull"]
     // The grace is 0, judged by whole seconds: let the pushes' second pass.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut steps = 0;
+    let mut paged = false;
     let last = loop {
         steps += 1;
         assert!(steps < 200, "the run never finished");
         let r = admin(http.post(&gc)).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let p: serde_json::Value = r.json().await.unwrap();
+        // Its tag, manifest and four links are more than a step's 3: judged in pages.
+        paged |= p["repo"]["name"] == "team/app";
         if p["phase"] == "idle" {
             break p["last"].clone();
         }
     };
     assert!(steps > 1, "3 keys a step: a run takes several requests");
+    assert!(paged, "team/app was not judged in pages");
     assert_eq!(last["blobs"], 2, "{last}");
     assert_eq!(last["links"], 2, "{last}");
     let total: usize = images[0].2.iter().map(|(_, b)| b.len()).sum();

@@ -128,3 +128,72 @@ fn users_and_anonymous_pulls() {
 fn anonymous_pull_without_users_is_a_mistake() {
     TestRegistry::builder().anonymous_pull().start();
 }
+
+#[test]
+fn requests_lists_what_was_served_in_order() {
+    let registry = TestRegistry::start();
+    assert!(registry.requests().is_empty());
+    assert_eq!(blob_round_trip(registry.url(), None), 200);
+    let missing = format!("{}/v2/t/app/manifests/nope", registry.url());
+    assert_eq!(reqwest::blocking::get(missing).unwrap().status(), 404);
+    let seen: Vec<_> = registry
+        .requests()
+        .into_iter()
+        .map(|r| (r.method.to_string(), r.path, r.status.as_u16()))
+        .collect();
+    let digest = format!("sha256:{}", sha256_hex(b"a blob for the test registry"));
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "POST".to_owned(),
+                format!("/v2/t/app/blobs/uploads/?digest={digest}"),
+                201
+            ),
+            ("GET".to_owned(), format!("/v2/t/app/blobs/{digest}"), 200),
+            ("GET".to_owned(), "/v2/t/app/manifests/nope".to_owned(), 404),
+        ]
+    );
+}
+
+#[test]
+fn data_dir_is_where_blobs_are_stored() {
+    assert!(TestRegistry::start().data_dir().is_none());
+    let registry = TestRegistry::builder().temp_dir().start();
+    assert_eq!(blob_round_trip(registry.url(), None), 200);
+    let hex = sha256_hex(b"a blob for the test registry");
+    let path = registry
+        .data_dir()
+        .unwrap()
+        .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"a blob for the test registry"
+    );
+}
+
+#[test]
+fn access_rules_from_the_config() {
+    let auth = dockside::AuthConfig::from_toml(
+        r#"
+[auth]
+secret = "a-token-secret-for-this-test-0123456789"
+[[auth.rules]]
+repositories = ["t/*"]
+users = ["anonymous"]
+actions = ["pull", "push"]
+"#,
+    )
+    .unwrap()
+    .map(std::sync::Arc::new);
+    let registry = TestRegistry::builder()
+        .config(dockside::Config {
+            auth,
+            ..Default::default()
+        })
+        .start();
+    // Anonymous pushes to t/app are allowed by the rule; elsewhere they are challenged.
+    assert_eq!(blob_round_trip(registry.url(), None), 200);
+    let r = reqwest::blocking::get(format!("{}/v2/other/app/tags/list", registry.url())).unwrap();
+    assert_eq!(r.status(), 401);
+}

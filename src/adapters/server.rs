@@ -378,6 +378,10 @@ pub struct Ops {
     pub metrics: Option<Arc<Metrics>>,
     /// The access log as structured fields (for a JSON subscriber) rather than one text line.
     pub json_log: bool,
+    /// Every answered request is also appended here (`TestRegistry::requests`), so tests can
+    /// see what arrived without reading a log.
+    #[cfg(feature = "testing")]
+    pub record: Option<Arc<std::sync::Mutex<Vec<crate::testing::ServedRequest>>>>,
 }
 
 /// Serves a local-directory registry on `listener` until `shutdown` completes (the same as
@@ -695,6 +699,8 @@ where
         let pending = activity.start();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        #[cfg(feature = "testing")]
+        let path_and_query = req.uri().path_and_query().map(|p| p.to_string());
         let (mut parts, body) = req.into_parts();
         let id = observe::request_id(&parts.headers);
         if let Ok(v) = http::HeaderValue::from_str(&id) {
@@ -715,6 +721,8 @@ where
         let span = tracing::info_span!("request", id = %id);
         let mut task = tokio::spawn(handler(req).instrument(span));
         let json_log = ops.json_log;
+        #[cfg(feature = "testing")]
+        let record = ops.record.clone();
         async move {
             let joined = tokio::select! {
                 biased;
@@ -746,6 +754,17 @@ where
                 m.answered(outcome, resp.status().as_u16(), secs);
             }
             log_request(json_log, peer, &method, &path, &resp, &id, outcome, secs);
+            // Before the response leaves: a client that has its answer finds it recorded.
+            #[cfg(feature = "testing")]
+            if let Some(record) = &record {
+                record.lock().unwrap_or_else(|p| p.into_inner()).push(
+                    crate::testing::ServedRequest {
+                        method,
+                        path: path_and_query.unwrap_or(path),
+                        status: resp.status(),
+                    },
+                );
+            }
             let counter = ByteCounter::new(metrics.as_ref().map(|m| m.bytes_out(outcome.class)));
             Ok::<_, Infallible>(resp.map(|inner| Outgoing {
                 inner,

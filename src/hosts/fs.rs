@@ -39,6 +39,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use super::fs_journal::{self, Identity};
+use super::fs_write::WriteBehind;
 use crate::error::StoreError;
 use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
 
@@ -952,7 +953,30 @@ impl Drop for KeyLock {
 // ---------------------------------------------------------------------------------------------
 // Blob store
 
-/// A blob store on a directory: each object a file.
+/// A blob store on a directory: each object a file, written to `tmp/` and renamed into place
+/// (synced first, unless [`fsync(false)`](FsBlobs::fsync)). Its operations are shown on
+/// [`BlobStore`]; a registry on it with [`FsKv`] on [`FsKv`]'s page. A pushed blob is a
+/// plain file, at the path [`crate::layout`] gives it:
+///
+/// ```
+/// use dockside::{Config, FsBlobs, FsKv, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// // Tests may skip fsync; a server keeps it on.
+/// let blobs = FsBlobs::new(dir.path()).unwrap().fsync(false);
+/// let kv = FsKv::new(dir.path().join("kv")).unwrap().fsync(false);
+/// let registry = Registry::new(kv, blobs, Config::default());
+/// let hex = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest=sha256:{hex}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+/// let file = dir.path().join("blobs/sha256").join(&hex[..2]).join(hex);
+/// assert_eq!(std::fs::read(file).unwrap(), b"hello world");
+/// # });
+/// ```
 #[derive(Clone)]
 pub struct FsBlobs {
     root: PathBuf,
@@ -1033,95 +1057,6 @@ impl FsBlobs {
     }
 }
 
-/// An object is flushed to the device while it is still being written once it passes this
-/// size (so that the fsync before its rename only waits for the tail)...
-const EARLY_FLUSH_FROM: u64 = 32 * 1024 * 1024;
-/// ... and asked again every time this much more has been written. Each flush is a journal
-/// commit: smaller objects (16 MiB chunks of a chunked push) are only synced at their end.
-const EARLY_FLUSH_STEP: u64 = 16 * 1024 * 1024;
-
-/// Flushes a large object's pages to the device while the rest of it arrives. Without it, a
-/// write only dirties the page cache (the kernel starts writeback at 10% of memory, more than
-/// any blob), and the fsync before the rename then writes the whole object while the client
-/// waits: a 1 GiB push was receiving for ~1.4 s, then flushing for ~1 s. Here a thread of its
-/// own runs `fdatasync` back to back while the writer goes on, so receiving and flushing
-/// overlap and the final fsync only flushes what arrived during the last pass.
-///
-/// The flush errors are kept and returned by [`EarlyFlush::finish`]: the flusher's descriptor
-/// is a duplicate of the writer's, and Linux reports a writeback error once per open file, so
-/// an error seen here would not be seen again by the final fsync.
-///
-/// Where threads cannot be started (wasm32-wasip2), the object is only synced at the end.
-#[derive(Default)]
-struct EarlyFlush {
-    /// The object's length at which the next flush is asked for.
-    next: u64,
-    worker: Option<FlushWorker>,
-    /// No thread could be started: only the final fsync.
-    off: bool,
-}
-
-struct FlushWorker {
-    /// A request to flush; a request already queued stands for any number of later ones.
-    ask: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<io::Result<()>>,
-}
-
-impl EarlyFlush {
-    fn written(&mut self, file: &File, len: u64) {
-        if self.off || len < self.next.max(EARLY_FLUSH_FROM) {
-            return;
-        }
-        self.next = len + EARLY_FLUSH_STEP;
-        if self.worker.is_none() {
-            let Ok(dup) = file.try_clone() else {
-                self.off = true;
-                return;
-            };
-            let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
-            let spawned = std::thread::Builder::new()
-                .name("dockside-flush".into())
-                .spawn(move || {
-                    while asked.recv().is_ok() {
-                        dup.sync_data()?;
-                    }
-                    Ok(())
-                });
-            match spawned {
-                Ok(thread) => self.worker = Some(FlushWorker { ask, thread }),
-                Err(_) => {
-                    self.off = true;
-                    return;
-                }
-            }
-        }
-        if let Some(w) = &self.worker {
-            // Full: a flush is queued already, and it will cover these bytes too.
-            let _ = w.ask.try_send(());
-        }
-    }
-
-    /// Waits for the flush in progress, and says whether every flush succeeded.
-    fn finish(&mut self) -> io::Result<()> {
-        match self.worker.take() {
-            None => Ok(()),
-            Some(FlushWorker { ask, thread }) => {
-                drop(ask);
-                thread
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("the flush thread panicked")))
-            }
-        }
-    }
-}
-
-impl Drop for EarlyFlush {
-    fn drop(&mut self) {
-        // A failed write: let the flusher end (its result no longer matters).
-        let _ = self.finish();
-    }
-}
-
 impl BlobStore for FsBlobs {
     type Reader = FileReader;
 
@@ -1132,22 +1067,17 @@ impl BlobStore for FsBlobs {
     ) -> Result<u64, WriteError<S::Error>> {
         let dest = self.path(path)?;
         let tmp = self.temp();
-        let mut file = File::create(&tmp).map_err(StoreError::from)?;
-        let mut flush = EarlyFlush::default();
+        let file = File::create(&tmp).map_err(StoreError::from)?;
+        // Receiving and hashing (the source) on this task, writing and flushing on another.
+        let mut out = WriteBehind::start(file, self.fsync);
         let result = async {
             let mut len = 0u64;
             while let Some(chunk) = src.next_chunk().await {
                 let chunk = chunk.map_err(WriteError::Source)?;
-                file.write_all(&chunk).map_err(StoreError::from)?;
                 len += chunk.len() as u64;
-                if self.fsync {
-                    flush.written(&file, len);
-                }
+                out.push(chunk).map_err(StoreError::from)?;
             }
-            if self.fsync {
-                flush.finish().map_err(StoreError::from)?;
-                file.sync_all().map_err(StoreError::from)?;
-            }
+            out.finish().map_err(StoreError::from)?;
             self.publish(&tmp, &dest).map_err(StoreError::from)?;
             Ok(len)
         }

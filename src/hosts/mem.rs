@@ -22,7 +22,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A key-value store in a `BTreeMap`, with a real compare-and-swap. Clones share the map, so a
-/// registry and a test can look at the same store. Its use is shown on [`KeyValue`].
+/// registry and a test can look at the same store. Its operations are shown on [`KeyValue`];
+/// here a test looks at what a registry wrote through a clone:
+///
+/// ```
+/// use dockside::{Config, MemoryBlobs, MemoryKv, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let kv = MemoryKv::new();
+/// let registry = Registry::new(kv.clone(), MemoryBlobs::new(), Config::default());
+/// let digest = "sha256:b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest={digest}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+/// // The repository now links the blob (keys are drawn in `dockside::layout`).
+/// let link = format!("repositories/hello/_layers/{}", digest.replace(':', "/"));
+/// assert!(kv.keys().contains(&link), "{:?}", kv.keys());
+/// # });
+/// ```
 #[derive(Clone, Default)]
 pub struct MemoryKv {
     map: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
@@ -100,7 +119,24 @@ impl KeyValue for MemoryKv {
 
 /// A blob store in memory. Objects are kept as the chunks they arrived in, so writing never
 /// copies them into one big buffer. Clones share the objects. Its use is shown on
-/// [`BlobStore`]; a whole registry on it in the [crate documentation](crate).
+/// [`BlobStore`]; a whole registry on it in the [crate documentation](crate). A clone shows
+/// where a pushed blob went:
+///
+/// ```
+/// use dockside::{Config, MemoryBlobs, MemoryKv, Registry};
+/// use http_body_util::Full;
+///
+/// # futures_executor::block_on(async {
+/// let blobs = MemoryBlobs::new();
+/// let registry = Registry::new(MemoryKv::new(), blobs.clone(), Config::default());
+/// let hex = "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9";
+/// let push = http::Request::post(format!("/v2/hello/blobs/uploads/?digest=sha256:{hex}"))
+///     .body(Full::new(&b"hello world"[..]))
+///     .unwrap();
+/// assert_eq!(registry.handle(push).await.status(), 201);
+/// assert_eq!(blobs.paths(), [format!("blobs/sha256/{}/{hex}", &hex[..2])]);
+/// # });
+/// ```
 #[derive(Clone, Default)]
 pub struct MemoryBlobs {
     map: Arc<Mutex<HashMap<String, Arc<Vec<Bytes>>>>>,

@@ -475,14 +475,61 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // The mirror's streaming tests (tests/edge.rs, tests/spin.rs)
 
-/// Seeds a blob upstream, then corrupts one byte near its end in the upstream's own store:
-/// the digest the mirror is asked for no longer matches what the upstream sends.
-pub async fn seed_corrupted(http: &reqwest::Client, up: &Server, repo: &str) -> (String, usize) {
+/// An upstream for the mirror tests: a test registry in a temporary directory (so that a
+/// test can corrupt what it stores), with the access control of `scenarios::auth_toml` and,
+/// when given, a token realm of its own (`DOCKSIDE_AUTH_REALM`).
+pub fn upstream_with_scenario_auth(realm: Option<&str>) -> dockside::testing::TestRegistry {
+    let auth = dockside::AuthConfig::from_settings(
+        |k| match k {
+            "DOCKSIDE_AUTH_SECRET" => Some(scenarios::AUTH_SECRET.to_owned()),
+            "DOCKSIDE_AUTH_REALM" => realm.map(str::to_owned),
+            _ => None,
+        },
+        Some(&scenarios::auth_toml()),
+    )
+    .expect("the scenario's access configuration")
+    .map(Arc::new);
+    dockside::testing::TestRegistry::builder()
+        .temp_dir()
+        .config(dockside::Config {
+            auth,
+            ..Default::default()
+        })
+        .start()
+}
+
+/// How many requests `registry` answered with `method` on `path` (the query aside), with
+/// `status` when given.
+pub fn served(
+    registry: &dockside::testing::TestRegistry,
+    method: &str,
+    path: &str,
+    status: Option<u16>,
+) -> usize {
+    registry
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == method
+                && r.path.split('?').next() == Some(path)
+                && status.is_none_or(|s| r.status == s)
+        })
+        .count()
+}
+
+/// Seeds a blob upstream (a test registry in a directory), then corrupts one byte near its end
+/// in the upstream's own store: the digest the mirror is asked for no longer matches what the
+/// upstream sends.
+pub async fn seed_corrupted(
+    http: &reqwest::Client,
+    up: &dockside::testing::TestRegistry,
+    repo: &str,
+) -> (String, usize) {
     let len = 3 * 1024 * 1024 + 11;
     let data = pseudo_random(len, 80);
     let d = sha256_digest(&data);
     let r = http
-        .post(up.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", up.url()))
         .body(data)
         .send()
         .await
@@ -491,6 +538,7 @@ pub async fn seed_corrupted(http: &reqwest::Client, up: &Server, repo: &str) -> 
     let hex = d.trim_start_matches("sha256:");
     let path = up
         .data_dir()
+        .expect("an upstream storing in a directory")
         .join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
     let mut bad = std::fs::read(&path).unwrap();
     bad[len - 50] ^= 0xff;
