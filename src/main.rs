@@ -704,7 +704,14 @@ async fn open_kv(spec: &StoreSpec, prefix: &str, fsync: bool) -> Result<ServerKv
     match spec {
         StoreSpec::Dir(dir) => {
             let open = || -> std::io::Result<FsKv> {
-                let kv = FsKv::new(dir)?.fsync(fsync);
+                let mut kv = FsKv::new(dir)?.fsync(fsync);
+                // A test hook (tests/listings.rs), not a setting: see FsKv::listing_cache_min.
+                if let Some(n) = std::env::var("DOCKSIDE_LISTING_CACHE_MIN")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    kv = kv.listing_cache_min(n);
+                }
                 kv.check_case_sensitive()?;
                 Ok(kv)
             };

@@ -17,27 +17,28 @@
 //!                        its segments 00000000, 00000001, ... (renamed in: no byte copied)
 //! <data>/uploads/...
 //! <data>/tmp/            objects being written; removed at startup when stale
+//! <data>/kv/.../.journal the change journal of a large key directory (see `fs_journal`)
 //! ```
 //!
 //! A listing walks the key directories in key order and enters only those that can hold the
-//! page. A directory is read whole (a repository's tags are one directory), so a large one
-//! that has not changed for a while is kept sorted in memory (`ListingCache`) for as long
-//! as its modification time and size stay the same.
+//! page. A directory is read whole (a repository's tags are one directory), so a large one is
+//! kept ordered in memory (`ListingCache`), brought up to date from its change journal.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::ops::Range;
+use std::ops::{Bound, Range};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
+use super::fs_journal::{self, Identity};
 use super::fs_write::WriteBehind;
 use crate::error::StoreError;
 use crate::host::{BlobStore, ByteSource, KeyValue, WriteError};
@@ -77,10 +78,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// `fs::create_dir_all`, and with `fsync` each directory it creates is synced into its parent
-/// (so a key in a new directory, e.g. a new repository's first tag, survives a crash).
+/// (so a key in a new directory, e.g. a new repository's first tag, survives a crash). Each
+/// one is recorded in its parent's listing journal, if it has one.
 fn create_dirs(dir: &Path, fsync: bool) -> io::Result<()> {
-    if !fsync || dir.is_dir() {
-        return fs::create_dir_all(dir);
+    if dir.is_dir() {
+        return Ok(());
     }
     let mut missing = Vec::new();
     let mut d = Some(dir);
@@ -93,7 +95,12 @@ fn create_dirs(dir: &Path, fsync: bool) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     for p in missing.iter().rev() {
         if let Some(parent) = p.parent() {
-            sync_dir(parent)?;
+            if fsync {
+                sync_dir(parent)?;
+            }
+            if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+                fs_journal::note(parent, b'+', name);
+            }
         }
     }
     Ok(())
@@ -162,6 +169,14 @@ impl FsKv {
     /// truncate recent writes.
     pub fn fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
+        self
+    }
+
+    /// The smallest directory the listing cache keeps (1024 entries by default): smaller ones
+    /// are read on every listing. For tests that need a cached directory without writing
+    /// thousands of keys (`dockside serve` takes it from `DOCKSIDE_LISTING_CACHE_MIN`).
+    pub fn listing_cache_min(mut self, entries: usize) -> Self {
+        self.cache_min_entries = entries;
         self
     }
 
@@ -242,25 +257,27 @@ impl FsKv {
             }
         };
         match self.read_dir(dir)? {
-            Listing::Sorted(entries) => {
-                // The first entry that can hold a key after the cursor: past every entry that
-                // sorts at or before it, except the directory that holds it.
-                let mut start = entries.partition_point(|e| &*e.rel < rel_prefix);
-                if let Some(a) = rel_after {
-                    let mut i = entries.partition_point(|e| &*e.rel <= a);
-                    if i > 0 && entries[i - 1].dir && a.starts_with(&*entries[i - 1].rel) {
-                        i -= 1;
+            Listing::Cached(cache) => {
+                // Taken from the cache a chunk at a time, each a seek in the ordered entries
+                // and a copy of the chunk; its lock is not held while subdirectories are
+                // listed (they may be cached too).
+                let mut from = lock(&cache).start(rel_prefix, rel_after);
+                'chunks: loop {
+                    let want = limit.saturating_sub(out.len()).clamp(1, CHUNK);
+                    let chunk = lock(&cache).chunk(&from, want);
+                    for e in &chunk {
+                        if out.len() >= limit
+                            || (!e.rel.starts_with(rel_prefix) && !rel_prefix.starts_with(&*e.rel))
+                        {
+                            break 'chunks; // full, or past the keys with the prefix
+                        }
+                        if wanted(e) {
+                            visit(e, out)?;
+                        }
                     }
-                    start = start.max(i);
-                }
-                for e in &entries[start..] {
-                    if out.len() >= limit
-                        || (!e.rel.starts_with(rel_prefix) && !rel_prefix.starts_with(&*e.rel))
-                    {
-                        break; // full, or past the keys with the prefix
-                    }
-                    if wanted(e) {
-                        visit(e, out)?;
+                    match chunk.into_iter().last() {
+                        Some(last) if out.len() < limit => from = Bound::Excluded(last.rel),
+                        _ => break,
                     }
                 }
             }
@@ -290,27 +307,145 @@ impl FsKv {
         Ok(())
     }
 
-    /// The entries of `dir`: sorted from the listing cache when it holds them, or when the
-    /// directory is large and settled enough to be cached now; otherwise as read.
+    /// The entries of `dir`: from the listing cache when it holds them, or when the directory
+    /// is large enough to be cached now; otherwise as read.
     fn read_dir(&self, dir: &Path) -> io::Result<Listing> {
-        // The directory's stamp is taken *before* it is read: a change made meanwhile leaves
-        // a newer stamp, so the cached entries are never trusted past it.
-        let now = SystemTime::now();
-        let stamp = match fs::metadata(dir) {
-            Ok(m) => m.modified().ok().map(|t| (t, m.len())),
+        match self.cached(dir)? {
+            Some(Ok(hit)) => return Ok(Listing::Cached(hit)),
+            Some(Err(Stale)) => return self.build(dir),
+            None => {}
+        }
+        // A directory that looks large (its size, which grows with its entries on the usual
+        // file systems: 20 bytes an entry on tmpfs, a 4 KiB block per ~200 on ext4) gets its
+        // journal before its first read, so that one read fills the cache.
+        if cfg!(unix) && fs::metadata(dir).is_ok_and(|m| m.len() >= LARGE_DIR_BYTES) {
+            return self.build(dir);
+        }
+        let found = self.read_entries(dir)?;
+        if cfg!(unix) && found.len() >= self.cache_min_entries && found.len() <= CACHE_MAX_ENTRIES {
+            // Large: cached from now on. Its journal must exist before the directory is read
+            // (what the read misses is then recorded past the offset taken), so a directory
+            // that had none and did not look large is read a second time, once.
+            return self.build(dir);
+        }
+        Ok(Listing::Unsorted(found))
+    }
+
+    /// The cache of `dir`, brought up to date with its journal; `Some(Err(Stale))` if it
+    /// must be read afresh (the journal was replaced or removed, too much changed, or the
+    /// cache is older than `MAX_AGE`); `None` if it is not cached.
+    fn cached(&self, dir: &Path) -> io::Result<Option<Result<Arc<Mutex<DirCache>>, Stale>>> {
+        let Some(slot) = self.cache.get(dir) else {
+            return Ok(None);
+        };
+        let mut c = lock(&slot);
+        let fresh = match fs::metadata(dir.join(fs_journal::JOURNAL)) {
+            Ok(m)
+                if c.built.elapsed() < fs_journal::MAX_AGE
+                    && fs_journal::identity(&m) == Some(c.journal)
+                    && m.len() >= c.offset =>
+            {
+                self.catch_up(dir, &mut c, m.len())
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        };
+        drop(c);
+        match fresh {
+            Ok(true) => Ok(Some(Ok(slot))),
+            Ok(false) => {
+                self.cache.remove(dir, &slot);
+                Ok(Some(Err(Stale)))
+            }
+            Err(e) => {
+                self.cache.remove(dir, &slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Brings `c` up to the journal's `end`: for each entry its new records name, caches what
+    /// the directory holds now (see `fs_journal`: the record's `+` or `-` is not trusted).
+    /// `false` if the directory is better read afresh.
+    fn catch_up(&self, dir: &Path, c: &mut DirCache, end: u64) -> io::Result<bool> {
+        if end == c.offset {
+            return Ok(true);
+        }
+        if end - c.offset > fs_journal::CATCH_UP_MAX {
+            return Ok(false);
+        }
+        let journal = dir.join(fs_journal::JOURNAL);
+        let Some(bytes) = fs_journal::read(&journal, c.journal, c.offset, end)? else {
+            return Ok(false);
+        };
+        let (names, used) = fs_journal::parse(&bytes);
+        for name in names {
+            let (rel, is_dir) = match name.strip_suffix('=') {
+                Some(seg) => match unescape(seg) {
+                    Some(s) => (s, false),
+                    None => continue,
+                },
+                None => match unescape(name) {
+                    Some(s) => (format!("{s}/"), true),
+                    None => continue,
+                },
+            };
+            let present = match fs::symlink_metadata(dir.join(name)) {
+                Ok(m) => m.is_dir() == is_dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            };
+            if present {
+                c.entries.insert(rel.into(), is_dir);
+            } else {
+                c.entries.remove(rel.as_str());
+            }
+        }
+        c.offset += used as u64;
+        Ok(true)
+    }
+
+    /// Reads `dir` into the cache: its journal (created if need be) is looked at first, then
+    /// the directory is read, so that any change the read misses is recorded past the offset
+    /// kept. Unsorted, not cached, if the directory is small (or the journal cannot be used).
+    fn build(&self, dir: &Path) -> io::Result<Listing> {
+        match fs_journal::create(dir) {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::Unsorted(vec![])),
             Err(e) => return Err(e),
-        };
-        if let Some(stamp) = stamp
-            && let Some(entries) = self.cache.get(dir, stamp)
-        {
-            return Ok(Listing::Sorted(entries));
         }
+        let journal = match fs::metadata(dir.join(fs_journal::JOURNAL)) {
+            Ok(m) => fs_journal::identity(&m).map(|id| (id, m.len())),
+            // Just removed by a writer that took it past its size: read without caching.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let found = self.read_entries(dir)?;
+        let Some((journal, offset)) = journal else {
+            return Ok(Listing::Unsorted(found));
+        };
+        if found.len() < self.cache_min_entries || found.len() > CACHE_MAX_ENTRIES {
+            return Ok(Listing::Unsorted(found));
+        }
+        let len = found.len();
+        let slot = Arc::new(Mutex::new(DirCache {
+            journal,
+            offset,
+            built: Instant::now(),
+            entries: found.into_iter().map(|e| (e.rel, e.dir)).collect(),
+        }));
+        self.cache.put(dir, slot.clone(), len);
+        Ok(Listing::Cached(slot))
+    }
+
+    /// The entries of `dir` as read (none if it does not exist).
+    fn read_entries(&self, dir: &Path) -> io::Result<Vec<Listed>> {
         let mut found = Vec::new();
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             // Removed since the parent was read (a delete left it empty).
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::Unsorted(found)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
             Err(e) => return Err(e),
         };
         for entry in entries {
@@ -318,7 +453,7 @@ impl FsKv {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with('.') {
-                continue; // temporary files
+                continue; // temporary files, locks, the journal
             }
             if let Some(seg) = name.strip_suffix('=') {
                 if let Some(seg) = unescape(seg) {
@@ -338,15 +473,7 @@ impl FsKv {
         }
         self.entries_read
             .fetch_add(found.len() as u64, Ordering::Relaxed);
-        match stamp {
-            Some(stamp) if found.len() >= self.cache_min_entries && settled(stamp.0, now) => {
-                found.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
-                let entries: Arc<[Listed]> = found.into();
-                self.cache.put(dir, stamp, entries.clone());
-                Ok(Listing::Sorted(entries))
-            }
-            _ => Ok(Listing::Unsorted(found)),
-        }
+        Ok(found)
     }
 
     /// How many directory entries listings have read from disk since this store was opened
@@ -359,97 +486,161 @@ impl FsKv {
 /// One entry of a key directory: `rel` is its key segment (unescaped), followed by `/` for a
 /// directory, which stands for every key below it. Sorting a directory's entries by `rel` sorts
 /// the keys: no key below a directory falls between it and a sibling.
+#[derive(Clone)]
 struct Listed {
     rel: Box<str>,
     dir: bool,
 }
 
 enum Listing {
-    Sorted(Arc<[Listed]>),
+    Cached(Arc<Mutex<DirCache>>),
     Unsorted(Vec<Listed>),
 }
+
+/// A cached directory must be read afresh.
+struct Stale;
 
 /// Directories with fewer entries are read afresh every time: a cache would save little.
 const CACHE_MIN_ENTRIES: usize = 1024;
 /// At most this many entries are cached, over all directories (some tens of MiB), the least
 /// recently used directories dropped first.
 const CACHE_MAX_ENTRIES: usize = 512 * 1024;
-/// How long a directory must have gone unchanged before its entries are cached.
-const SETTLE: Duration = Duration::from_secs(2);
+/// A directory at least this size (`st_size`) is taken for a large one before it is read: about
+/// 800 entries on tmpfs, fewer on ext4. Only saves a read: a directory found large by reading
+/// it is cached anyway (read again, once, after its journal is made).
+const LARGE_DIR_BYTES: u64 = 16 * 1024;
+/// Entries copied out of a cached directory at a time (the whole list, with no `n`, is
+/// taken in chunks of this many).
+const CHUNK: usize = 4096;
 
-/// Whether a directory last changed at `mtime` was settled at `now`: any change after `now`
-/// will carry a later modification time. File systems stamp times from a clock that advances
-/// in ticks (a kernel tick on Linux, up to 2 s on FAT): a change within the same tick as the
-/// one before would keep the stamp, so a listing read during that tick could be trusted too
-/// long. Past a margin bigger than any tick, it cannot.
-fn settled(mtime: SystemTime, now: SystemTime) -> bool {
-    now.duration_since(mtime).is_ok_and(|age| age >= SETTLE)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Sorted entries of large key directories (a repository's tags), each valid while the
-/// directory keeps the modification time and size it had before it was read: a page of the
-/// tags list then costs one `stat`, a binary search and the page, not a read of every tag.
-/// It is only a copy of what the directory holds, kept in this process: nothing is written,
-/// so it cannot be left inconsistent by a crash, and writers never wait on it. Several
-/// processes sharing a data directory each keep their own.
+/// Sorted entries of large key directories (a repository's tags, the catalog), kept in this
+/// process and brought up to date on each listing from the directory's change journal
+/// (`fs_journal`): a page of the tags list costs a `stat` of the journal, a look at each
+/// entry changed since the last listing, a seek in the ordered entries and the page, however
+/// large the directory and however often it changes. It is only a copy of what the
+/// directory holds: a crash cannot leave it inconsistent, and writers never wait on it.
+/// Several processes sharing a data directory each keep their own, and learn of each other's
+/// writes through the journals.
 #[derive(Default)]
 struct ListingCache(Mutex<CacheState>);
 
 #[derive(Default)]
 struct CacheState {
-    dirs: HashMap<PathBuf, Cached>,
+    dirs: HashMap<PathBuf, Slot>,
+    /// Entries of all directories when they were read (what joins and leaves later is not
+    /// counted: the bound is on what reads put in).
     entries: usize,
     clock: u64,
 }
 
-struct Cached {
-    stamp: (SystemTime, u64),
-    entries: Arc<[Listed]>,
+struct Slot {
+    cache: Arc<Mutex<DirCache>>,
+    len: usize,
     used: u64,
 }
 
-impl ListingCache {
-    fn get(&self, dir: &Path, stamp: (SystemTime, u64)) -> Option<Arc<[Listed]>> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        state.clock += 1;
-        let clock = state.clock;
-        let c = state.dirs.get_mut(dir)?;
-        if c.stamp != stamp {
-            return None;
+struct DirCache {
+    /// The journal the entries follow, and how far they have read it.
+    journal: Identity,
+    offset: u64,
+    /// When the directory was read.
+    built: Instant,
+    /// Each entry's `rel`, and whether it is a directory.
+    entries: BTreeMap<Box<str>, bool>,
+}
+
+impl DirCache {
+    /// Where a listing after `rel_after` (relative), of keys starting with `rel_prefix`,
+    /// starts: past every entry that sorts at or before the cursor, except the directory
+    /// that holds it.
+    fn start(&self, rel_prefix: &str, rel_after: Option<&str>) -> Bound<Box<str>> {
+        let Some(a) = rel_after else {
+            return Bound::Included(rel_prefix.into());
+        };
+        if let Some((rel, true)) = self
+            .entries
+            .range::<str, _>((Bound::Unbounded, Bound::Included(a)))
+            .next_back()
+            && a.starts_with(&**rel)
+        {
+            let start: &str = if &**rel >= rel_prefix {
+                rel
+            } else {
+                rel_prefix
+            };
+            return Bound::Included(start.into());
         }
-        c.used = clock;
-        Some(c.entries.clone())
+        if rel_prefix > a {
+            Bound::Included(rel_prefix.into())
+        } else {
+            Bound::Excluded(a.into())
+        }
     }
 
-    fn put(&self, dir: &Path, stamp: (SystemTime, u64), entries: Arc<[Listed]>) {
-        if entries.len() > CACHE_MAX_ENTRIES {
-            return;
-        }
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// At most `n` entries from `from` on.
+    fn chunk(&self, from: &Bound<Box<str>>, n: usize) -> Vec<Listed> {
+        let lower = match from {
+            Bound::Included(s) => Bound::Included(&**s),
+            Bound::Excluded(s) => Bound::Excluded(&**s),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.entries
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(n)
+            .map(|(rel, &dir)| Listed {
+                rel: rel.clone(),
+                dir,
+            })
+            .collect()
+    }
+}
+
+impl ListingCache {
+    fn get(&self, dir: &Path) -> Option<Arc<Mutex<DirCache>>> {
+        let mut state = lock(&self.0);
+        state.clock += 1;
+        let clock = state.clock;
+        let slot = state.dirs.get_mut(dir)?;
+        slot.used = clock;
+        Some(slot.cache.clone())
+    }
+
+    fn put(&self, dir: &Path, cache: Arc<Mutex<DirCache>>, len: usize) {
+        let mut state = lock(&self.0);
         state.clock += 1;
         if let Some(old) = state.dirs.remove(dir) {
-            state.entries -= old.entries.len();
+            state.entries -= old.len;
         }
-        while state.entries + entries.len() > CACHE_MAX_ENTRIES {
+        while state.entries + len > CACHE_MAX_ENTRIES {
             let oldest = state
                 .dirs
                 .iter()
-                .min_by_key(|(_, c)| c.used)
+                .min_by_key(|(_, s)| s.used)
                 .map(|(d, _)| d.clone())
                 .expect("the cache holds entries");
             let old = state.dirs.remove(&oldest).expect("just found");
-            state.entries -= old.entries.len();
+            state.entries -= old.len;
         }
-        state.entries += entries.len();
+        state.entries += len;
         let used = state.clock;
-        state.dirs.insert(
-            dir.to_owned(),
-            Cached {
-                stamp,
-                entries,
-                used,
-            },
-        );
+        state.dirs.insert(dir.to_owned(), Slot { cache, len, used });
+    }
+
+    /// Drops `dir` if it still holds `cache` (another thread may have read it afresh).
+    fn remove(&self, dir: &Path, cache: &Arc<Mutex<DirCache>>) {
+        let mut state = lock(&self.0);
+        if state
+            .dirs
+            .get(dir)
+            .is_some_and(|s| Arc::ptr_eq(&s.cache, cache))
+        {
+            let old = state.dirs.remove(dir).expect("just found");
+            state.entries -= old.len;
+        }
     }
 }
 
@@ -507,7 +698,13 @@ impl FsKv {
                 let _ = fs::remove_file(&tmp);
             }
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    // After the rename: a reader that finds this record finds the file.
+                    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+                        fs_journal::note(dir, b'+', name);
+                    }
+                    return Ok(());
+                }
                 // A delete removed a directory of the path, then empty, before the temporary
                 // file was created in it (once created, it keeps the directory): make it again.
                 // (`create_dir_all` reports AlreadyExists when a directory it found vanishes
@@ -538,6 +735,9 @@ impl FsKv {
             && fs::remove_dir(d).is_ok()
         {
             dir = d.parent();
+            if let (Some(parent), Some(name)) = (dir, d.file_name().and_then(|n| n.to_str())) {
+                fs_journal::note(parent, b'-', name);
+            }
         }
     }
 }
@@ -554,7 +754,13 @@ impl KeyValue for FsKv {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
-            Ok(()) => {}
+            Ok(()) => {
+                if let (Some(dir), Some(name)) =
+                    (path.parent(), path.file_name().and_then(|n| n.to_str()))
+                {
+                    fs_journal::note(dir, b'-', name);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
@@ -1195,7 +1401,6 @@ mod tests {
         let all: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
         if cached {
             kv.cache_min_entries = 0;
-            std::thread::sleep(SETTLE + Duration::from_millis(100));
             list(&kv, "", None, usize::MAX);
         }
         let read = kv.entries_read();
@@ -1216,12 +1421,15 @@ mod tests {
         assert_eq!(cached, kv.entries_read() == read);
     }
 
-    /// A large settled directory is read once, then listed from the cache page after page;
-    /// a change to it (a key added or removed) is seen by the next listing.
+    /// A large directory is read once (its journal made first), then listed from the cache
+    /// page after page; a change to
+    /// it (a key added or removed, by this store or by another one on the same directory, as
+    /// another process would be) is seen by the next listing without reading it again.
     #[test]
-    fn large_directories_are_listed_from_the_cache_until_they_change() {
+    fn large_directories_are_listed_from_the_cache_and_follow_changes() {
         let dir = tempfile::tempdir().unwrap();
         let kv = FsKv::new(dir.path()).unwrap().fsync(false);
+        let other = FsKv::new(dir.path()).unwrap().fsync(false);
         let n = CACHE_MIN_ENTRIES * 2;
         let mut keys: Vec<String> = (0..n).map(|i| format!("t/k{i:05}")).collect();
         for k in &keys {
@@ -1230,11 +1438,9 @@ mod tests {
         futures_executor::block_on(kv.set("t/sub/x", b"")).unwrap();
         keys.push("t/sub/x".to_owned());
         keys.sort();
-        // Not settled yet: read, not cached.
         assert_eq!(list(&kv, "t/", None, 10), keys[..10]);
-        assert_eq!(list(&kv, "t/", None, 10), keys[..10]);
-        assert_eq!(kv.entries_read(), 2 * (n as u64 + 1));
-        std::thread::sleep(SETTLE + Duration::from_millis(100));
+        assert_eq!(kv.entries_read(), n as u64 + 1);
+        assert!(dir.path().join("t").join(fs_journal::JOURNAL).exists());
         let before = kv.entries_read();
         let mut seen = Vec::new();
         loop {
@@ -1245,17 +1451,77 @@ mod tests {
             seen.extend(page);
         }
         assert_eq!(seen, keys);
-        // One read to fill the cache (n keys and `sub/`), and the small subdirectory, not
-        // cached, on the two pages that reach it.
-        assert_eq!(kv.entries_read() - before, n as u64 + 1 + 2);
-        // A key added, one removed: seen at once.
+        // Only the small subdirectory, not cached, on the two pages that reach it.
+        assert_eq!(kv.entries_read() - before, 2);
+        // A key added, one removed, by this store and by the other: seen at once, unread.
+        let before = kv.entries_read();
         futures_executor::block_on(kv.set("t/k00000a", b"")).unwrap();
-        futures_executor::block_on(kv.delete("t/k00001")).unwrap();
+        futures_executor::block_on(other.delete("t/k00001")).unwrap();
+        futures_executor::block_on(other.set("t/k00002a", b"")).unwrap();
         assert_eq!(
-            list(&kv, "t/", Some("t/k00000"), 2),
-            ["t/k00000a", "t/k00002"]
+            list(&kv, "t/", Some("t/k00000"), 4),
+            ["t/k00000a", "t/k00002", "t/k00002a", "t/k00003"]
         );
+        // A subdirectory made and emptied by the other: in, then out.
+        futures_executor::block_on(other.set("t/k00002b/x", b"")).unwrap();
+        assert_eq!(
+            list(&kv, "t/", Some("t/k00002a"), 2),
+            ["t/k00002b/x", "t/k00003"]
+        );
+        futures_executor::block_on(other.delete("t/k00002b/x")).unwrap();
+        assert_eq!(list(&kv, "t/", Some("t/k00002a"), 1), ["t/k00003"]);
         assert_eq!(list(&kv, "t/", Some("t/k02047"), 5), ["t/sub/x"]);
+        // No read of `t` itself: one of `t/k00002b` while it existed, one of `t/sub`.
+        assert_eq!(kv.entries_read() - before, 2);
+        // The journal removed (as a writer does when it has grown large): read afresh, once,
+        // and a new journal followed from then on.
+        fs::remove_file(dir.path().join("t").join(fs_journal::JOURNAL)).unwrap();
+        let before = kv.entries_read();
+        assert_eq!(list(&kv, "t/", Some("t/k00000"), 1), ["t/k00000a"]);
+        assert_eq!(kv.entries_read() - before, n as u64 + 2);
+        futures_executor::block_on(other.delete("t/k00000a")).unwrap();
+        assert_eq!(list(&kv, "t/", Some("t/k00000"), 1), ["t/k00002"]);
+        assert_eq!(kv.entries_read() - before, n as u64 + 2);
+    }
+
+    /// Records that arrive out of order, as racing writers append them: the cache holds what
+    /// the directory holds, whatever the last record's op says.
+    #[test]
+    fn records_out_of_order_cannot_mislead_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = FsKv::new(dir.path())
+            .unwrap()
+            .fsync(false)
+            .listing_cache_min(2);
+        for k in ["t/a", "t/b", "t/c"] {
+            futures_executor::block_on(kv.set(k, b"")).unwrap();
+        }
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        let t = dir.path().join("t");
+        let append = |bytes: &[u8]| {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(t.join(fs_journal::JOURNAL))
+                .unwrap();
+            f.write_all(bytes).unwrap();
+        };
+        // W1 renamed `x` in, W2 removed it and recorded `-x`, then W1's late `+x`: gone.
+        fs::write(t.join("x="), b"").unwrap();
+        fs::remove_file(t.join("x=")).unwrap();
+        append(b"\n-x=\n\n+x=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        // W1 removed `b`, W2 renamed it in again and recorded `+b`, then W1's late `-b`: kept.
+        fs::remove_file(t.join("b=")).unwrap();
+        fs::write(t.join("b="), b"").unwrap();
+        append(b"\n+b=\n\n-b=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/a", "t/b", "t/c"]);
+        // And the plain cases, by hand: a file added and its record, one removed and its.
+        fs::write(t.join("d="), b"").unwrap();
+        fs::remove_file(t.join("a=")).unwrap();
+        append(b"\n+d=\n\n-a=\n");
+        assert_eq!(list(&kv, "t/", None, 10), ["t/b", "t/c", "t/d"]);
+        // All from the cache: `t` was read twice, for the first listing only.
+        assert_eq!(kv.entries_read(), 6);
     }
 
     /// Deletes remove the directories they empty while another writer keeps creating keys in

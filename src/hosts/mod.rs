@@ -77,6 +77,7 @@
 #[cfg(all(target_arch = "wasm32", target_os = "unknown", feature = "workers"))]
 pub mod durable;
 pub mod fs;
+mod fs_journal;
 mod fs_write;
 pub mod indexed;
 pub mod kvblobs;
