@@ -983,8 +983,8 @@ fn add(total: &mut GcStats, s: &GcStats) {
     total.repositories += s.repositories;
 }
 
-/// 503 with `Retry-After`: the collector is deleting this blob right now; once it is gone, a
-/// retried upload stores it again.
+/// 503 with `Retry-After`: the collector is deleting this blob (or manifest record) right now;
+/// once it is gone, a retried upload (or manifest push) stores it again.
 pub(crate) fn collecting(digest: &Digest) -> Error {
     Error::new(
         ErrorCode::Unknown,
