@@ -357,3 +357,28 @@ async fn put_reading_before_the_claim_and_writing_after_it_is_safe() {
     assert!(p.after_claim.reached(), "the collector never claimed it");
     h.settle(raced).await;
 }
+
+/// Two PUTs of the same old manifest, no collector: the one that loses the compare-and-swap
+/// reads the record again, finds the winner's fresh, equal record, and goes on to its tag (a
+/// lost race to another pusher is no reason for a 503).
+#[tokio::test]
+async fn a_put_losing_the_record_to_a_concurrent_put_succeeds() {
+    let h = H::new().await;
+    let p = h.kv.p.clone();
+    p.after_read.armed.store(true, Ordering::SeqCst);
+    let (first, ()) = tokio::join!(h.put_tagged(), async {
+        until(|| p.after_read.reached(), "the first PUT's read").await;
+        let uri = format!("/v2/{REPO}/manifests/other");
+        h.ok(h.send(Method::PUT, &uri, &h.manifest).await, 201);
+        p.after_read.release();
+    });
+    h.ok(first, 201);
+    for tag in ["fresh", "other"] {
+        let b = h.ok(
+            h.send(Method::GET, &format!("/v2/{REPO}/manifests/{tag}"), b"")
+                .await,
+            200,
+        );
+        assert_eq!(&b[..], &h.manifest[..]);
+    }
+}
