@@ -214,7 +214,7 @@ fn corrupt(what: &str, key: &str) -> StoreError {
 }
 
 /// Touches go through compare-and-swap; a lost race is retried this many times.
-const TOUCH_ATTEMPTS: usize = 16;
+pub(crate) const TOUCH_ATTEMPTS: usize = 16;
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// Marks blob `digest` as written or linked now, before the caller trusts stored content or
@@ -983,9 +983,9 @@ fn add(total: &mut GcStats, s: &GcStats) {
     total.repositories += s.repositories;
 }
 
-/// 503 with `Retry-After`: the collector is deleting this blob right now; once it is gone, a
-/// retried upload stores it again.
-fn collecting(digest: &Digest) -> Error {
+/// 503 with `Retry-After`: the collector is deleting this blob (or manifest record) right now;
+/// once it is gone, a retried upload (or manifest push) stores it again.
+pub(crate) fn collecting(digest: &Digest) -> Error {
     Error::new(
         ErrorCode::Unknown,
         http::StatusCode::SERVICE_UNAVAILABLE,

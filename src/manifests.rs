@@ -307,6 +307,70 @@ pub(crate) fn parse_reference(s: &str) -> Result<ManifestRef> {
 }
 
 impl<K: KeyValue, B: BlobStore> Registry<K, B> {
+    /// Writes a pushed manifest's record unless an equal, fresh one is stored.
+    ///
+    /// By compare-and-swap from the value read, not a plain `set`: the collector claims an old
+    /// record by compare-and-swap (to `gone`) and deletes it after, so either this write lands
+    /// first (the claim fails: the manifest stays) or this push sees the claim and answers 503
+    /// to retry. A plain `set` could land over a claim, or over a claimed record read as
+    /// absent, and be deleted under the tags this push writes next (docs/DESIGN.md, "Garbage
+    /// collection"). Retags of a fresh record write nothing, as before.
+    async fn write_record(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        parsed: &Parsed,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let key = layout::manifest(name, digest);
+        for _ in 0..crate::gc::TOUCH_ATTEMPTS {
+            let raw = self.kv.get(&key).await?;
+            let existing = raw.clone().map(decode_record).transpose()?;
+            if let Some(e) = &existing {
+                // Waiting for the collector instead would wait on a run that may have
+                // stopped (a crash) until its next run: the client's retry is bounded.
+                if e.gone {
+                    return Err(crate::gc::collecting(digest));
+                }
+                // A digest keeps the media type it was first pushed with: a later PUT of the
+                // same bytes under another Content-Type must not change how it is served.
+                if e.media_type != parsed.media_type {
+                    return Err(invalid(format!(
+                        "{digest} is already stored as {}, not {}",
+                        e.media_type, parsed.media_type
+                    )));
+                }
+            }
+            // Tagging a stored manifest again (CI retags, a re-push) writes nothing but the
+            // tag: the same bytes make the same record, and each write costs the directory
+            // host an fsync. Unless the record's time is old enough that garbage collection
+            // could take it soon: then the write is the push's touch (`crate::gc`).
+            let now = crate::auth::now_secs();
+            if existing.is_some_and(|e| {
+                e.bytes == bytes && crate::gc::fresh(e.at, now, self.config.gc.grace_secs)
+            }) {
+                return Ok(());
+            }
+            let record = encode_record(
+                &parsed.media_type,
+                parsed.subject.as_ref(),
+                bytes,
+                now,
+                false,
+            );
+            // Lost to another writer: a concurrent push of the same bytes (read again: fresh,
+            // done), a touch, or the collector's claim (read again: 503).
+            if self
+                .kv
+                .compare_and_swap(&key, raw.as_deref(), &record)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(crate::gc::collecting(digest))
+    }
+
     pub(crate) async fn load_manifest(
         &self,
         name: &RepoName,
@@ -457,39 +521,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             }
         }
 
-        let key = layout::manifest(name, &digest);
-        // A digest keeps the media type it was first pushed with: a later PUT of the same bytes
-        // under another Content-Type must not change how the stored manifest is served.
-        let existing = self.load_manifest(name, &digest).await?;
-        if let Some(existing) = &existing
-            && existing.media_type != parsed.media_type
-        {
-            return Err(invalid(format!(
-                "{digest} is already stored as {}, not {}",
-                existing.media_type, parsed.media_type
-            )));
-        }
-        // Tagging a stored manifest again (CI retags, a re-push) writes nothing but the tag:
-        // the same bytes make the same record, and each write costs the directory host an
-        // fsync. Unless the record's time is old enough that garbage collection could take it
-        // soon: then the write is the push's touch (`crate::gc`, the race with a push).
-        let now = crate::auth::now_secs();
-        if existing.is_none_or(|e| {
-            e.bytes != bytes || !crate::gc::fresh(e.at, now, self.config.gc.grace_secs)
-        }) {
-            self.kv
-                .set(
-                    &key,
-                    &encode_record(
-                        &parsed.media_type,
-                        parsed.subject.as_ref(),
-                        &bytes,
-                        now,
-                        false,
-                    ),
-                )
-                .await?;
-        }
+        self.write_record(name, &digest, &parsed, &bytes).await?;
         if let Some((subject, d)) = referrer_entry(&parsed, &bytes, &digest) {
             self.kv
                 .set(&layout::referrer(name, &subject, &digest), &d)
