@@ -272,3 +272,69 @@ fn an_unwritable_data_directory_is_an_error_at_start() {
         "stderr names the directory and the reason: {stderr}"
     );
 }
+
+/// A large push is written on a thread of its own once past 32 MiB (`hosts/fs_write.rs`): the
+/// disk filling up under that thread must fail the push the same way, with nothing left behind.
+#[tokio::test]
+async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let s = Server::builder()
+        .data_dir(data.path())
+        .wrapper(tmpfs_wrapper(data.path(), "size=48m"))
+        .start();
+    let http = client();
+    let root = inside(&s);
+    let before = files(&root);
+
+    // 64 MiB into 48: the first 32 MiB are written inline, the rest by the writer thread,
+    // which meets the full disk.
+    let big = pseudo_random(64 * MIB, 3);
+    let bd = sha256_digest(&big);
+    let r = http
+        .post(s.url(&format!("/v2/full/big/blobs/uploads/?digest={bd}")))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    expect_full(r, "a 64 MiB push into 48 MiB").await;
+    let r = http
+        .head(s.url(&format!("/v2/full/big/blobs/{bd}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "no partial blob is visible");
+    let after: Vec<String> = files(&root)
+        .into_iter()
+        .filter(|f| !f.starts_with("kv/"))
+        .collect();
+    let before_data: Vec<String> = before
+        .into_iter()
+        .filter(|f| !f.starts_with("kv/"))
+        .collect();
+    assert_eq!(after, before_data, "files left behind by the failed push");
+
+    // The space came back with the temporary file: a 40 MiB push (also past 32) fits.
+    let fits = pseudo_random(40 * MIB, 4);
+    let fd = sha256_digest(&fits);
+    let r = http
+        .post(s.url(&format!("/v2/full/big/blobs/uploads/?digest={fd}")))
+        .body(fits.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        201,
+        "a push that fits succeeds after the failed one"
+    );
+    let r = http
+        .get(s.url(&format!("/v2/full/big/blobs/{fd}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.bytes().await.unwrap() == fits,
+        "the blob reads back byte for byte"
+    );
+}

@@ -14,6 +14,11 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
+/// Objects are written inline until they pass this size, then on a writer thread. Measured
+/// (docs/PERFORMANCE.md, issue 13): for a 1 GiB monolithic push the thread gained 1.13-1.29x,
+/// but a push in 16 MiB PATCHes, one object per PATCH, lost 0.75-0.9x and took twice the
+/// server CPU when each part had its own thread, so parts of a chunked push stay inline.
+const WRITE_BEHIND_FROM: u64 = 32 * 1024 * 1024;
 /// Chunks are handed to the writer thread in batches of at least this many bytes (a request
 /// body arrives in pieces of a few KiB to a few hundred: one handoff per piece would cost more
 /// in wakeups than it saves) ...
@@ -22,13 +27,20 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// request back (the send blocks) with at most ~2 MiB in between, so memory stays constant.
 const QUEUED_BATCHES: usize = 8;
 
-/// A file being written, inline or on a writer thread.
-pub(super) enum WriteBehind {
+/// A file being written: inline at first, on a writer thread once it is large.
+pub(super) struct WriteBehind {
+    fsync: bool,
+    /// Bytes written or queued so far.
+    len: u64,
+    /// A writer thread could not be started (wasm32-wasip2 has none): stay inline.
+    inline_only: bool,
+    state: State,
+}
+
+enum State {
     Inline {
         file: File,
         flush: EarlyFlush,
-        len: u64,
-        fsync: bool,
     },
     Thread {
         /// `None` once finished or failed.
@@ -41,69 +53,80 @@ pub(super) enum WriteBehind {
 
 impl WriteBehind {
     /// Starts writing `file`; with `fsync`, flushes it early (see [`EarlyFlush`]) and syncs it
-    /// in [`WriteBehind::finish`]. Falls back to writing inline where no thread can be started
-    /// (wasm32-wasip2).
+    /// in [`WriteBehind::finish`].
     pub(super) fn start(file: File, fsync: bool) -> WriteBehind {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(QUEUED_BATCHES);
-        // The file moves into the thread; a failed spawn drops the closure, so keep a handle.
-        let Ok(dup) = file.try_clone() else {
-            return WriteBehind::inline(file, fsync);
-        };
-        match std::thread::Builder::new()
-            .name("dockside-write".into())
-            .spawn(move || write_all_from(dup, rx, fsync))
-        {
-            Ok(thread) => WriteBehind::Thread {
-                tx: Some(tx),
-                batch: Vec::new(),
-                batched: 0,
-                thread: Some(thread),
+        WriteBehind {
+            fsync,
+            len: 0,
+            inline_only: cfg!(target_family = "wasm"),
+            state: State::Inline {
+                file,
+                flush: EarlyFlush::default(),
             },
-            Err(_) => WriteBehind::inline(file, fsync),
         }
     }
 
-    fn inline(file: File, fsync: bool) -> WriteBehind {
-        WriteBehind::Inline {
-            file,
-            flush: EarlyFlush::default(),
-            len: 0,
-            fsync,
+    /// Moves the writing to a thread of its own, if one can be started. Called before the
+    /// inline early flush ever starts (it starts at the same size), so the thread's own
+    /// [`EarlyFlush`] is the only one.
+    fn go_behind(&mut self) {
+        let State::Inline { file, .. } = &self.state else {
+            return;
+        };
+        let Ok(dup) = file.try_clone() else {
+            self.inline_only = true;
+            return;
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(QUEUED_BATCHES);
+        let (fsync, len) = (self.fsync, self.len);
+        match std::thread::Builder::new()
+            .name("dockside-write".into())
+            .spawn(move || write_all_from(dup, rx, len, fsync))
+        {
+            Ok(thread) => {
+                self.state = State::Thread {
+                    tx: Some(tx),
+                    batch: Vec::new(),
+                    batched: 0,
+                    thread: Some(thread),
+                }
+            }
+            Err(_) => self.inline_only = true,
         }
     }
 
     /// Writes `chunk` (or queues it for the writer thread). An error is the file's: a failed
     /// write, or a full disk seen by the writer thread earlier.
     pub(super) fn push(&mut self, chunk: Bytes) -> io::Result<()> {
-        match self {
-            WriteBehind::Inline {
-                file,
-                flush,
-                len,
-                fsync,
-            } => {
-                file.write_all(&chunk)?;
-                *len += chunk.len() as u64;
-                if *fsync {
-                    flush.written(file, *len);
-                }
-                Ok(())
+        if let State::Inline { file, .. } = &mut self.state {
+            file.write_all(&chunk)?;
+            self.len += chunk.len() as u64;
+            if self.len >= WRITE_BEHIND_FROM && !self.inline_only {
+                self.go_behind();
             }
-            WriteBehind::Thread { batch, batched, .. } => {
-                *batched += chunk.len();
-                batch.push(chunk);
-                if *batched >= BATCH_BYTES {
-                    self.send()?;
-                }
-                Ok(())
+            if let State::Inline { file, flush } = &mut self.state
+                && self.fsync
+            {
+                flush.written(file, self.len);
             }
+            return Ok(());
         }
+        self.len += chunk.len() as u64;
+        let State::Thread { batch, batched, .. } = &mut self.state else {
+            unreachable!("inline handled above");
+        };
+        *batched += chunk.len();
+        batch.push(chunk);
+        if *batched >= BATCH_BYTES {
+            self.send()?;
+        }
+        Ok(())
     }
 
     fn send(&mut self) -> io::Result<()> {
-        let WriteBehind::Thread {
+        let State::Thread {
             tx, batch, batched, ..
-        } = self
+        } = &mut self.state
         else {
             return Ok(());
         };
@@ -122,7 +145,7 @@ impl WriteBehind {
     }
 
     fn join(&mut self) -> io::Result<()> {
-        let WriteBehind::Thread { tx, thread, .. } = self else {
+        let State::Thread { tx, thread, .. } = &mut self.state else {
             return Ok(());
         };
         *tx = None; // the writer's queue ends: it finishes what it holds and returns
@@ -137,17 +160,16 @@ impl WriteBehind {
     /// Writes what is left and, with `fsync`, waits for the file to be on the device. Blocks
     /// the calling thread for that final sync, as an inline `sync_all` would.
     pub(super) fn finish(mut self) -> io::Result<()> {
-        match &mut self {
-            WriteBehind::Inline {
-                file, flush, fsync, ..
-            } => {
-                if *fsync {
+        let fsync = self.fsync;
+        match &mut self.state {
+            State::Inline { file, flush } => {
+                if fsync {
                     flush.finish()?;
                     file.sync_all()?;
                 }
                 Ok(())
             }
-            WriteBehind::Thread { .. } => {
+            State::Thread { .. } => {
                 self.send()?;
                 self.join()
             }
@@ -163,11 +185,16 @@ impl Drop for WriteBehind {
     }
 }
 
-/// The writer thread: writes each batch in order, flushes early as it goes, syncs at the end.
-/// Returns at the first error, which drops `rx` and so tells the sender.
-fn write_all_from(mut file: File, rx: Receiver<Vec<Bytes>>, fsync: bool) -> io::Result<()> {
+/// The writer thread: writes each batch in order after the `len` bytes already written,
+/// flushes early as it goes, syncs at the end. Returns at the first error, which drops `rx`
+/// and so tells the sender.
+fn write_all_from(
+    mut file: File,
+    rx: Receiver<Vec<Bytes>>,
+    mut len: u64,
+    fsync: bool,
+) -> io::Result<()> {
     let mut flush = EarlyFlush::default();
-    let mut len = 0u64;
     for batch in rx {
         for chunk in batch {
             file.write_all(&chunk)?;
