@@ -173,6 +173,29 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         }
     }
 
+    /// Caches a fetched manifest's record by compare-and-swap, as a push writes it
+    /// (`Registry::write_record`): a plain write could land between the collector's claim of
+    /// an old record and its delete, and the tag written next would name nothing. A claimed
+    /// record answers 503 (retry once the collector is done).
+    async fn cache_record(&self, key: &str, digest: &Digest, record: &[u8]) -> Result<()> {
+        for _ in 0..crate::gc::TOUCH_ATTEMPTS {
+            let raw = self.kv.get(key).await?;
+            if let Some(r) = &raw
+                && crate::manifests::decode_record(r.clone())?.gone
+            {
+                return Err(crate::gc::collecting(digest));
+            }
+            if self
+                .kv
+                .compare_and_swap(key, raw.as_deref(), record)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(crate::gc::collecting(digest))
+    }
+
     async fn record_tag(&self, name: &RepoName, tag: &Tag, d: &Digest, now: u64) -> Result<()> {
         let r = TagRecord {
             digest: d.to_string(),
@@ -233,17 +256,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             .ok()
             .and_then(|v| v["subject"]["digest"].as_str().map(str::to_owned))
             .and_then(|s| Digest::parse(&s).ok());
-        self.kv
-            .set(
-                &layout::manifest(name, &digest),
-                &crate::manifests::encode_record(
-                    &media_type,
-                    subject.as_ref(),
-                    &bytes,
-                    crate::auth::now_secs(),
-                    false,
-                ),
-            )
+        let record = crate::manifests::encode_record(
+            &media_type,
+            subject.as_ref(),
+            &bytes,
+            crate::auth::now_secs(),
+            false,
+        );
+        self.cache_record(&layout::manifest(name, &digest), &digest, &record)
             .await?;
         // Listed under its subject as a push would list it: what the referrers API answers
         // when the upstream cannot (`mirror::lists`).
