@@ -15,9 +15,9 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 
 /// Objects are written inline until they pass this size, then on a writer thread. Measured
-/// (docs/PERFORMANCE.md, issue 13): for a 1 GiB monolithic push the thread gained 1.13-1.29x,
-/// but a push in 16 MiB PATCHes, one object per PATCH, lost 0.75-0.9x and took twice the
-/// server CPU when each part had its own thread, so parts of a chunked push stay inline.
+/// (docs/PERFORMANCE.md, issue 13, a noisy disk): for a 1 GiB monolithic push the thread's
+/// median gain was 1.29x; a push in 16 MiB PATCHes, one object per PATCH, showed no gain with
+/// a thread per part (0.75-0.9x in two runs), so the parts of a chunked push stay inline.
 const WRITE_BEHIND_FROM: u64 = 32 * 1024 * 1024;
 /// Chunks are handed to the writer thread in batches of at least this many bytes (a request
 /// body arrives in pieces of a few KiB to a few hundred: one handoff per piece would cost more
