@@ -723,17 +723,9 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             if sweep.dry {
                 continue;
             }
-            // Claim it: a push that touched it since it was read keeps it.
-            let claimed = encode_record(&m.media_type, m.subject.as_ref(), &m.bytes, m.at, true);
-            if !self
-                .kv
-                .compare_and_swap(&layout::manifest(name, &d), Some(&raw), &claimed)
-                .await?
-            {
+            if !self.claim_and_forget_manifest(name, &d, &raw, &m).await? {
                 sweep.stats.manifests -= 1;
-                continue;
             }
-            self.forget_manifest(name, &d, &m).await?;
         }
 
         // Blobs the surviving manifests reference.
@@ -847,6 +839,28 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 return Ok(false);
             }
         }
+        Ok(true)
+    }
+
+    /// Claims manifest `d`'s record `raw` (compare-and-swap to the same record marked gone), then
+    /// deletes it; false when a push wrote the record since it was read (it stays). Both the
+    /// whole and the paged judgement delete manifests only through this.
+    pub(crate) async fn claim_and_forget_manifest(
+        &self,
+        name: &RepoName,
+        d: &Digest,
+        raw: &[u8],
+        m: &StoredManifest,
+    ) -> StoreResult<bool> {
+        let claimed = encode_record(&m.media_type, m.subject.as_ref(), &m.bytes, m.at, true);
+        if !self
+            .kv
+            .compare_and_swap(&layout::manifest(name, d), Some(raw), &claimed)
+            .await?
+        {
+            return Ok(false);
+        }
+        self.forget_manifest(name, d, m).await?;
         Ok(true)
     }
 

@@ -61,6 +61,15 @@ fn files(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The files under `dir` that hold data (blobs, uploads, temporaries): not the key-value
+/// records (`kv/`), whose upload sessions legitimately stay, nor the test's `filler`.
+fn data_files(dir: &Path) -> Vec<String> {
+    files(dir)
+        .into_iter()
+        .filter(|f| f != "filler" && !f.starts_with("kv/"))
+        .collect()
+}
+
 /// Grows `filler` until the filesystem refuses (ENOSPC), then gives back `leave` bytes.
 fn fill(filler: &Path, leave: u64) {
     let mut f = std::fs::OpenOptions::new()
@@ -140,7 +149,7 @@ async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
         layer.len()
     );
     assert_eq!(push_manifest(&http, &s, "v1", &manifest).await, 201);
-    let before = files(&root);
+    let before = data_files(&root);
 
     // 4 MiB left: a 16 MiB layer does not fit, in one POST or in a chunked upload.
     let filler = root.join("filler");
@@ -176,16 +185,11 @@ async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
         .unwrap();
     assert_eq!(r.status(), 404, "no partial blob is visible");
     // Nothing left behind but the session's record (the session stays open, at offset 0).
-    let after: Vec<String> = files(&root)
-        .into_iter()
-        .filter(|f| f != "filler" && !f.starts_with("kv/"))
-        .collect();
-    let before_data: Vec<String> = before
-        .iter()
-        .filter(|f| !f.starts_with("kv/"))
-        .cloned()
-        .collect();
-    assert_eq!(after, before_data, "files left behind by the failed pushes");
+    assert_eq!(
+        data_files(&root),
+        before,
+        "files left behind by the failed pushes"
+    );
     let r = http.get(&loc).send().await.unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(
@@ -284,7 +288,7 @@ async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
         .start();
     let http = client();
     let root = inside(&s);
-    let before = files(&root);
+    let before = data_files(&root);
 
     // 64 MiB into 48: the first 32 MiB are written inline, the rest by the writer thread,
     // which meets the full disk.
@@ -303,15 +307,11 @@ async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404, "no partial blob is visible");
-    let after: Vec<String> = files(&root)
-        .into_iter()
-        .filter(|f| !f.starts_with("kv/"))
-        .collect();
-    let before_data: Vec<String> = before
-        .into_iter()
-        .filter(|f| !f.starts_with("kv/"))
-        .collect();
-    assert_eq!(after, before_data, "files left behind by the failed push");
+    assert_eq!(
+        data_files(&root),
+        before,
+        "files left behind by the failed push"
+    );
 
     // The space came back with the temporary file: a 40 MiB push (also past 32) fits.
     let fits = pseudo_random(40 * MIB, 4);

@@ -29,7 +29,7 @@ use crate::digest::Digest;
 use crate::error::StoreError;
 use crate::host::{BlobStore, KeyValue};
 use crate::layout;
-use crate::manifests::{decode_record, encode_record, references_of};
+use crate::manifests::{decode_record, references_of};
 use crate::names::{RepoName, Tag};
 use crate::registry::Registry;
 
@@ -416,10 +416,8 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
         if !live && old(m.at) {
             sweep.stats.manifests += 1;
             sweep.note(|| format!("manifest {name}@{d}"));
-            // Claim it: a push that touched it since it was read keeps it.
-            let claimed = encode_record(&m.media_type, m.subject.as_ref(), &m.bytes, m.at, true);
-            if self.kv.compare_and_swap(&key, Some(&raw), &claimed).await? {
-                self.forget_manifest(name, &d, &m).await?;
+            // A push that touched it since it was read keeps it.
+            if self.claim_and_forget_manifest(name, &d, &raw, &m).await? {
                 return Ok(used + 8);
             }
             sweep.stats.manifests -= 1;
