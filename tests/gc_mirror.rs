@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Server, client, pseudo_random, sha256_digest};
+use dockside::testing::TestRegistry;
 use dockside::{BlobStore, FsBlobs, FsKv, KeyValue};
 use serde_json::json;
 
@@ -59,8 +60,9 @@ fn blob_path(digest: &str) -> String {
 async fn mirrored_blobs_are_recorded_and_collected() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::builder().start();
-    let ub = up.base_url();
+    // The upstream only needs to be a registry at a URL.
+    let up = TestRegistry::start();
+    let ub = up.url().to_owned();
     let kept = seed(&http, &ub, "library/app", "v1", 1).await;
     let loose = seed(&http, &ub, "library/other", "v1", 2).await;
 
@@ -220,8 +222,9 @@ fn has_record(keys: &[String], tag: &str) -> bool {
 async fn an_emptied_mirrored_repository_takes_its_mirror_records() {
     let tmp = tempfile::tempdir().unwrap();
     let http = client();
-    let up = Server::builder().start();
-    let ub = up.base_url();
+    // The upstream only needs to be a registry at a URL.
+    let up = TestRegistry::start();
+    let ub = up.url().to_owned();
     let l1 = seed(&http, &ub, "library/app", "v1", 3).await;
     let l2 = seed(&http, &ub, "library/app", "v2", 4).await;
 
