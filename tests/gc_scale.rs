@@ -137,6 +137,13 @@ impl H {
         r.1
     }
 
+    /// GETs `uri` (200) and checks that its body has digest `d`: a pull, byte for byte.
+    async fn pull(&self, uri: &str, d: &str) -> Bytes {
+        let b = H::ok(self.send(Method::GET, uri, None, b"").await, 200);
+        assert_eq!(sha256(&b), d, "{uri}");
+        b
+    }
+
     /// Pushes image `i` (a config and one layer, both its own) into `repo` under `tags`.
     async fn push(&self, repo: &str, i: usize, tags: &[String]) -> String {
         let mut descs = Vec::new();
@@ -242,12 +249,7 @@ async fn delete_by_digest_reads_its_own_tags() {
         assert_eq!(kept, i % 2 == 1, "image {i}'s tags");
     }
     // `moved` names image 1, which stays: deleting image 0 (its old target) left it alone.
-    let b = H::ok(
-        h.send(Method::GET, "/v2/big/repo/manifests/moved", None, b"")
-            .await,
-        200,
-    );
-    assert_eq!(sha256(&b), images[1]);
+    h.pull("/v2/big/repo/manifests/moved", &images[1]).await;
     // And it goes with image 1.
     H::ok(
         h.send(
@@ -347,23 +349,8 @@ async fn blob_phase_reads_each_record_once() {
         let config = sha256(format!("{repo} image {i} config").as_bytes());
         assert_eq!(h.stored(&config).await, i % 2 == 1, "{repo}'s config");
         if i % 2 == 1 {
-            let b = H::ok(
-                h.send(Method::GET, &format!("/v2/{repo}/manifests/{d}"), None, b"")
-                    .await,
-                200,
-            );
-            assert_eq!(sha256(&b), *d);
-            let b = H::ok(
-                h.send(
-                    Method::GET,
-                    &format!("/v2/{repo}/blobs/{config}"),
-                    None,
-                    b"",
-                )
-                .await,
-                200,
-            );
-            assert_eq!(sha256(&b), config);
+            h.pull(&format!("/v2/{repo}/manifests/{d}"), d).await;
+            h.pull(&format!("/v2/{repo}/blobs/{config}"), &config).await;
         }
     }
 }
@@ -383,12 +370,7 @@ async fn a_run_without_marks_is_restarted() {
     let p = h.collect().await;
     assert_eq!(p["generation"], 8, "{p}");
     assert_eq!(p["last"]["blobs"], 0, "{p}");
-    let b = H::ok(
-        h.send(Method::GET, "/v2/keep/me/manifests/v1", None, b"")
-            .await,
-        200,
-    );
-    assert_eq!(sha256(&b), d);
+    h.pull("/v2/keep/me/manifests/v1", &d).await;
     let config = sha256(b"keep/me image 0 config");
     assert!(h.stored(&config).await);
     let b = H::ok(
@@ -531,33 +513,14 @@ async fn a_large_repository_is_judged_in_bounded_steps() {
         .iter()
         .chain(old.iter().filter(|(t, _)| t == "keep-me"))
         .chain(reached.iter());
-    for (tag, d) in survivors {
+    for (_, d) in survivors {
         // By digest: the reached images' tags are gone.
-        let b = H::ok(
-            h.send(
-                Method::GET,
-                &format!("/v2/huge/repo/manifests/{d}"),
-                None,
-                b"",
-            )
-            .await,
-            200,
-        );
-        assert_eq!(sha256(&b), *d, "{tag}");
+        let b = h.pull(&format!("/v2/huge/repo/manifests/{d}"), d).await;
         let m: Value = serde_json::from_slice(&b).unwrap();
         for desc in [&m["config"], &m["layers"][0]] {
             let digest = desc["digest"].as_str().unwrap();
-            let b = H::ok(
-                h.send(
-                    Method::GET,
-                    &format!("/v2/huge/repo/blobs/{digest}"),
-                    None,
-                    b"",
-                )
-                .await,
-                200,
-            );
-            assert_eq!(sha256(&b), digest);
+            h.pull(&format!("/v2/huge/repo/blobs/{digest}"), digest)
+                .await;
         }
     }
     for (i, (tag, d)) in old.iter().enumerate() {
@@ -588,17 +551,8 @@ async fn a_large_repository_is_judged_in_bounded_steps() {
         let config = sha256(format!("huge/repo image {i} config").as_bytes());
         assert_eq!(h.stored(&config).await, reached, "{tag}'s config");
     }
-    let b = H::ok(
-        h.send(
-            Method::GET,
-            &format!("/v2/aside/manifests/{small}"),
-            None,
-            b"",
-        )
-        .await,
-        200,
-    );
-    assert_eq!(sha256(&b), small);
+    h.pull(&format!("/v2/aside/manifests/{small}"), &small)
+        .await;
     // The collector's marks for the paged repository went with what they marked.
     let marks = h.kv.kv.list("gc/repos/", None, usize::MAX).await.unwrap();
     assert!(!marks.is_empty());
@@ -717,12 +671,7 @@ async fn stopped_anywhere(budget: usize) {
         if kept {
             assert_eq!(sha256(&b), *d);
             for blob in [&config, &layer] {
-                let b = H::ok(
-                    h.send(Method::GET, &format!("/v2/big/one/blobs/{blob}"), None, b"")
-                        .await,
-                    200,
-                );
-                assert_eq!(sha256(&b), *blob);
+                h.pull(&format!("/v2/big/one/blobs/{blob}"), blob).await;
             }
         }
     }
