@@ -532,7 +532,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         _ => None,
     };
     raise_open_file_limit(limits.max_connections);
-    return_large_allocations();
+    tune_malloc();
     let config = Config {
         max_manifest_bytes: args.max_manifest_bytes,
         max_blob_bytes: args.max_blob_bytes,
@@ -860,21 +860,32 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Makes large, short-lived buffers go back to the system when freed: an argon2id password
-/// check allocates 19 MiB. glibc's malloc raises its mmap threshold to the largest block freed
-/// so far (up to 32 MiB), after which such buffers come from its arenas, which keep them: with
-/// password checks two at a time, a burst of 96 Basic requests still left 380 MB resident. A
-/// fixed threshold turns that adjustment off; smaller allocations (every request's) are
-/// unaffected.
+/// Tunes glibc's malloc for a server whose memory comes and goes in bursts.
+///
+/// - Large, short-lived buffers go back to the system when freed: an argon2id password check
+///   allocates 19 MiB. glibc's malloc raises its mmap threshold to the largest block freed so
+///   far (up to 32 MiB), after which such buffers come from its arenas, which keep them: with
+///   password checks two at a time, a burst of 96 Basic requests still left 380 MB resident. A
+///   fixed threshold (4 MiB) turns that adjustment off.
+/// - But fixing it also fixes the trim threshold at its 128 KiB default, so each arena handed
+///   its top back to the kernel (`madvise`) whenever 128 KiB of it was free, and faulted it in
+///   again on the next allocation. A push streams through hyper's read buffers (up to ~400 KiB
+///   each, freed once written): measured with curl pushing 1 GiB, 0.35 of the server's 2.0
+///   CPU-s went to those page faults, and the push ran at 620-680 MB/s; with a 4 MiB trim
+///   threshold, 1.65 CPU-s and 770-805 MB/s (docs/PERFORMANCE.md, issue 13). An arena now keeps
+///   at most 4 MiB free at its top.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_large_allocations() {
+fn tune_malloc() {
     // SAFETY: mallopt takes two integers and only sets a parameter of glibc's allocator (under
     // its own lock); no pointer or Rust object is involved.
-    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) };
-    if ok != 1 {
-        tracing::warn!("could not set malloc's mmap threshold: memory may stay high after bursts");
+    let ok = unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20) == 1
+    };
+    if !ok {
+        tracing::warn!("could not tune malloc: memory may stay high after bursts");
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_large_allocations() {}
+fn tune_malloc() {}
