@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Time from the last byte of a monolithic push to its 201: what the fsync before the rename
-costs after the body has arrived (the early flush in hosts/fs.rs shrinks it to the tail).
+costs after the body has arrived (the writeback started as the blob arrives, hosts/fs_write.rs,
+shrinks it to the tail).
 
 usage: bench/push-tail.py PORT MIB SEED   (a dockside listening on 127.0.0.1:PORT)
 Prints send_s (sending the body), tail_s (last byte to the answer) and the overall MB/s.

@@ -40,6 +40,7 @@
 pub mod adapters;
 mod admission;
 pub mod auth;
+mod behind;
 mod blobs;
 mod body;
 pub mod clock;

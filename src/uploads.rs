@@ -249,7 +249,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             self.blobs.delete(&part).await?;
             return Err(size_mismatch(declared, len));
         }
-        let computed = src.hasher.take().expect("hashing").finish();
+        let computed = src.finish_hash()?.finish();
         let parts = if len == 0 {
             self.blobs.delete(&part).await?;
             Vec::new()
@@ -372,7 +372,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
             return Ok(record);
         }
         record.offset += len;
-        record.hash = src.hasher.take().expect("hashing").save();
+        record.hash = src.finish_hash()?.save();
         record.parts.push(part);
         Ok(record)
     }

@@ -277,7 +277,7 @@ fn an_unwritable_data_directory_is_an_error_at_start() {
     );
 }
 
-/// A large push is written on a thread of its own once past 32 MiB (`hosts/fs_write.rs`): the
+/// A large push is written on a thread of its own once past 4 MiB (`hosts/fs_write.rs`): the
 /// disk filling up under that thread must fail the push the same way, with nothing left behind.
 #[tokio::test]
 async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
@@ -290,7 +290,7 @@ async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
     let root = inside(&s);
     let before = data_files(&root);
 
-    // 64 MiB into 48: the first 32 MiB are written inline, the rest by the writer thread,
+    // 64 MiB into 48: the first 4 MiB are written inline, the rest by the writer thread,
     // which meets the full disk.
     let big = pseudo_random(64 * MIB, 3);
     let bd = sha256_digest(&big);

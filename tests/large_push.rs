@@ -1,7 +1,7 @@
-//! Large pushes with fsync on (the server's default), past the size at which the directory
-//! host starts flushing a blob while it is still arriving (`EarlyFlush` in `hosts/fs.rs`):
-//! the blob reads back byte for byte, its digest is checked, and nothing is left in the
-//! temporary directory. Also: tagging a stored manifest again, which writes only the tag.
+//! Large pushes with fsync on (the server's default), past the size at which the core hashes
+//! and the directory host writes a blob on threads of their own, handing it to the device as it
+//! arrives (`src/behind.rs`, `hosts/fs_write.rs`): the blob reads back byte for byte, its digest
+//! is checked, and nothing is left in the temporary directory. Also: tagging a stored manifest again, which writes only the tag.
 
 mod common;
 
@@ -22,7 +22,7 @@ fn start() -> TestRegistry {
     TestRegistry::builder().temp_dir().start()
 }
 
-/// Past the early flush's start (32 MiB) and several of its steps (16 MiB).
+/// Far past the threads' start (4 MiB) and many writeback steps (4 MiB).
 const SIZE: usize = 80 << 20;
 
 async fn pushed_and_pulled(s: &TestRegistry, repo: &str, data: &[u8], chunk: Option<usize>) {
@@ -96,7 +96,8 @@ async fn large_chunked_push_with_fsync_reads_back() {
     no_temporary_files(&s);
 }
 
-/// A digest mismatch after an early flush: 400, and the flushed part is gone.
+/// A digest mismatch found after the blob was written behind and handed to the device: 400, and
+/// what was written is gone.
 #[tokio::test]
 async fn large_push_with_a_wrong_digest_leaves_nothing() {
     let s = start();

@@ -508,7 +508,10 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 );
             }
         };
-        let got = hashing.hasher.take().expect("hashing").finish();
+        let got = match hashing.finish_hash() {
+            Ok(h) => h.finish(),
+            Err(e) => return fail(e.into(), pipe),
+        };
         if &got != digest || expected.is_some_and(|l| l != written) {
             let _ = self.blobs.delete(&tmp).await;
             tracing::error!(upstream = %t.up.url, want = %digest, got = %got, "upstream sent a blob that fails verification; discarded");
