@@ -705,12 +705,20 @@ async fn open_kv(spec: &StoreSpec, prefix: &str, fsync: bool) -> Result<ServerKv
         StoreSpec::Dir(dir) => {
             let open = || -> std::io::Result<FsKv> {
                 let mut kv = FsKv::new(dir)?.fsync(fsync);
-                // A test hook (tests/listings.rs), not a setting: see FsKv::listing_cache_min.
+                // Test hooks (tests/listings.rs), not settings: see FsKv::listing_cache_min and
+                // FsKv::listing_cache_max_age.
                 if let Some(n) = std::env::var("DOCKSIDE_LISTING_CACHE_MIN")
                     .ok()
                     .and_then(|v| v.parse().ok())
                 {
                     kv = kv.listing_cache_min(n);
+                }
+                if let Some(age) = std::env::var("DOCKSIDE_LISTING_CACHE_MAX_AGE")
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                {
+                    kv = kv.listing_cache_max_age(age);
                 }
                 kv.check_case_sensitive()?;
                 Ok(kv)

@@ -277,6 +277,73 @@ async fn the_journal_rotates_and_survives_torn_records() {
     b.stop();
 }
 
+/// A writer killed between its rename and its journal append leaves a change that no record
+/// tells of: a cache may miss it, but only until it is read afresh, at most every
+/// `MAX_AGE` (60 s; 3 s here through `DOCKSIDE_LISTING_CACHE_MAX_AGE`). Both kinds: a tag that
+/// appeared and a tag that went, each without its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_without_its_record_is_seen_within_the_maximum_age() {
+    const MAX_AGE_SECS: u64 = 3;
+    let data = tempfile::tempdir().unwrap();
+    let a = Server::builder()
+        .data_dir(data.path())
+        .env("DOCKSIDE_LISTING_CACHE_MIN", CACHE_MIN.to_string())
+        .env("DOCKSIDE_LISTING_CACHE_MAX_AGE", MAX_AGE_SECS.to_string())
+        .start();
+    let manifest = image(&a, REPO).await;
+    let mut truth = BTreeSet::new();
+    for i in 0..CACHE_MIN {
+        let t = format!("k{i:03}");
+        tag(&a, REPO, &t, &manifest).await;
+        truth.insert(t);
+    }
+    let truth_vec = |t: &BTreeSet<String>| t.iter().cloned().collect::<Vec<_>>();
+    let built = std::time::Instant::now();
+    assert_eq!(tags(&a).await, truth_vec(&truth), "cached from here");
+    let dir = tags_dir(data.path());
+    assert!(journal(&dir).exists(), "the directory is cached");
+
+    // What a killed writer leaves: a tag published by rename, and a tag unlinked, with no
+    // record appended for either.
+    // (A key's file is its name and `=`: see FsKv.)
+    std::fs::copy(dir.join("k000="), dir.join(".tmp-killed")).unwrap();
+    std::fs::rename(dir.join(".tmp-killed"), dir.join("k999=")).unwrap();
+    std::fs::remove_file(dir.join("k001=")).unwrap();
+    let stale = tags(&a).await;
+    if built.elapsed() < std::time::Duration::from_secs(MAX_AGE_SECS) {
+        // The cache is what makes a page O(page + log n); this is the inexactness it costs.
+        assert_eq!(
+            stale,
+            truth_vec(&truth),
+            "within the age, the cache is trusted"
+        );
+    }
+    truth.insert("k999".into());
+    truth.remove("k001");
+
+    tokio::time::sleep(
+        std::time::Duration::from_secs(MAX_AGE_SECS) + std::time::Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(
+        tags(&a).await,
+        truth_vec(&truth),
+        "read afresh after the maximum age"
+    );
+    let r = client()
+        .get(a.url(&format!("/v2/{REPO}/manifests/k999")))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "the tag the killed writer published is served"
+    );
+    a.stop();
+}
+
 async fn catalog(on: &Server) -> Vec<String> {
     page(on, "/v2/_catalog", "repositories").await.0
 }

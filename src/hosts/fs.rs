@@ -148,6 +148,8 @@ pub struct FsKv {
     entries_read: Arc<AtomicU64>,
     /// Smallest directory the listing cache takes (the tests lower it).
     cache_min_entries: usize,
+    /// A cached directory is read afresh at least this often (the tests shorten it).
+    cache_max_age: Duration,
 }
 
 impl FsKv {
@@ -161,6 +163,7 @@ impl FsKv {
             cache: Arc::default(),
             entries_read: Arc::default(),
             cache_min_entries: CACHE_MIN_ENTRIES,
+            cache_max_age: fs_journal::MAX_AGE,
         })
     }
 
@@ -177,6 +180,15 @@ impl FsKv {
     /// thousands of keys (`dockside serve` takes it from `DOCKSIDE_LISTING_CACHE_MIN`).
     pub fn listing_cache_min(mut self, entries: usize) -> Self {
         self.cache_min_entries = entries;
+        self
+    }
+
+    /// How long a cached directory is trusted at most (60 s by default) before it is read
+    /// afresh: the bound on how long a change that no journal record tells of (its writer was
+    /// killed between the rename and the append) can be missed. For tests that check that
+    /// bound (`dockside serve` takes it from `DOCKSIDE_LISTING_CACHE_MAX_AGE`, in seconds).
+    pub fn listing_cache_max_age(mut self, age: Duration) -> Self {
+        self.cache_max_age = age;
         self
     }
 
@@ -341,7 +353,7 @@ impl FsKv {
         let mut c = lock(&slot);
         let fresh = match fs::metadata(dir.join(fs_journal::JOURNAL)) {
             Ok(m)
-                if c.built.elapsed() < fs_journal::MAX_AGE
+                if c.built.elapsed() < self.cache_max_age
                     && fs_journal::identity(&m) == Some(c.journal)
                     && m.len() >= c.offset =>
             {
