@@ -14,7 +14,9 @@
 //! tens of microseconds to start, nothing next to hashing 4 MiB (~3 ms).
 
 use std::io;
+#[cfg(not(target_family = "wasm"))]
 use std::sync::mpsc::{Receiver, SyncSender};
+#[cfg(not(target_family = "wasm"))]
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -22,12 +24,15 @@ use bytes::Bytes;
 /// Streams stay inline until they pass this size. Low enough that each 16 MiB part of a
 /// chunked push goes behind too: measured 32 MiB against 4 (docs/PERFORMANCE.md), 4 was as
 /// fast for monolithic pushes and faster for chunked ones.
+#[cfg(not(target_family = "wasm"))]
 pub(crate) const BEHIND_FROM: u64 = 4 * 1024 * 1024;
 /// Chunks are handed over in batches of at least this many bytes (a request body arrives in
 /// pieces of a few KiB to a few hundred: one handoff per piece would cost more in wakeups than
 /// it saves) ...
+#[cfg(not(target_family = "wasm"))]
 const BATCH_BYTES: usize = 256 * 1024;
 /// ... and at most this many batches wait: ~2 MiB per stage and stream.
+#[cfg(not(target_family = "wasm"))]
 const QUEUED_BATCHES: usize = 8;
 
 /// What a stage does with the bytes, in order.
@@ -37,15 +42,42 @@ pub(crate) trait Sink: Send + 'static {
     fn batch_done(&mut self) {}
 }
 
+/// A stage, on wasm: always inline, there are no threads to start. (The threaded stage is not
+/// even compiled there: with it, rust-lld 22 crashed (SIGSEGV in `ElemSection::writeBody`)
+/// linking the debug wasm32-wasip2 library.)
+#[cfg(target_family = "wasm")]
+pub(crate) struct Behind<S: Sink> {
+    sink: S,
+}
+
+#[cfg(target_family = "wasm")]
+impl<S: Sink> Behind<S> {
+    pub(crate) fn new(_name: &'static str, sink: S) -> Self {
+        Behind { sink }
+    }
+
+    pub(crate) fn push(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.sink.write(&chunk)?;
+        self.sink.batch_done();
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> io::Result<S> {
+        Ok(self.sink)
+    }
+}
+
 /// A stage: inline at first, on a thread of its own once its stream passes [`BEHIND_FROM`].
+#[cfg(not(target_family = "wasm"))]
 pub(crate) struct Behind<S: Sink> {
     name: &'static str,
     len: u64,
-    /// A thread could not be started (or this is wasm): stay inline.
+    /// A thread could not be started: stay inline.
     inline_only: bool,
     state: State<S>,
 }
 
+#[cfg(not(target_family = "wasm"))]
 enum State<S> {
     Inline(S),
     Thread {
@@ -59,13 +91,14 @@ enum State<S> {
     Done,
 }
 
+#[cfg(not(target_family = "wasm"))]
 impl<S: Sink> Behind<S> {
     /// A stage over `sink`; its thread, if one starts, is called `name`.
     pub(crate) fn new(name: &'static str, sink: S) -> Self {
         Behind {
             name,
             len: 0,
-            inline_only: cfg!(target_family = "wasm"),
+            inline_only: false,
             state: State::Inline(sink),
         }
     }
@@ -180,6 +213,7 @@ impl<S: Sink> Behind<S> {
     }
 }
 
+#[cfg(not(target_family = "wasm"))]
 impl<S: Sink> Drop for Behind<S> {
     fn drop(&mut self) {
         // Abandoned (the client went away, or a write failed): let the thread end.
@@ -191,6 +225,7 @@ impl<S: Sink> Drop for Behind<S> {
 
 /// The thread: every batch in order, then the sink back. Returns at the first error, which
 /// drops `rx` and so tells the sender.
+#[cfg(not(target_family = "wasm"))]
 fn run<S: Sink>(mut sink: S, rx: Receiver<Vec<Bytes>>) -> io::Result<S> {
     for batch in rx {
         for chunk in &batch {
