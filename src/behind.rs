@@ -128,9 +128,14 @@ impl<S: Sink> Behind<S> {
         }
     }
 
-    /// Moves the sink onto a thread of its own, if one can be started.
+    /// Moves the sink onto a thread of its own, if one can be started and fewer than
+    /// [`MAX_ON_THREADS`] stages are on threads already.
     fn go_behind(&mut self) {
         let State::Inline(_) = &self.state else {
+            return;
+        };
+        let Some(seat) = Seat::take() else {
+            self.inline_only = true;
             return;
         };
         let State::Inline(sink) = std::mem::replace(&mut self.state, State::Done) else {
@@ -144,6 +149,7 @@ impl<S: Sink> Behind<S> {
         let spawned = std::thread::Builder::new()
             .name(self.name.into())
             .spawn(move || {
+                let _seat = seat; // given back when the thread ends, however it ends
                 let sink = theirs.lock().ok().and_then(|mut s| s.take());
                 run(sink.ok_or_else(|| io::Error::other("no sink"))?, rx)
             });
@@ -223,6 +229,37 @@ impl<S: Sink> Drop for Behind<S> {
     }
 }
 
+/// At most this many stages run on threads at once, all streams together; past it, a large
+/// stream stays inline. More threads than cores gain nothing, and each holds up to ~2 MiB of
+/// queued chunks: 64 bound that memory (128 MiB) and the threads a burst of pushes can start.
+#[cfg(not(target_family = "wasm"))]
+const MAX_ON_THREADS: usize = 64;
+
+#[cfg(not(target_family = "wasm"))]
+static ON_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_ON_THREADS`] places, given back when dropped.
+#[cfg(not(target_family = "wasm"))]
+struct Seat;
+
+#[cfg(not(target_family = "wasm"))]
+impl Seat {
+    fn take() -> Option<Seat> {
+        use std::sync::atomic::Ordering::Relaxed;
+        ON_THREADS
+            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_ON_THREADS).then_some(n + 1))
+            .ok()
+            .map(|_| Seat)
+    }
+}
+
+#[cfg(not(target_family = "wasm"))]
+impl Drop for Seat {
+    fn drop(&mut self) {
+        ON_THREADS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The thread: every batch in order, then the sink back. Returns at the first error, which
 /// drops `rx` and so tells the sender.
 #[cfg(not(target_family = "wasm"))]
@@ -270,8 +307,17 @@ mod tests {
 
     const MIB: usize = 1024 * 1024;
 
+    /// Tests that look at whether a stage went on a thread take turns: one of them takes every
+    /// seat for a while.
+    static SEATS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn seats() -> std::sync::MutexGuard<'static, ()> {
+        SEATS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[test]
     fn a_large_stream_goes_behind_and_every_byte_arrives_in_order() {
+        let _turn = seats();
         let mut b = Behind::new("test-behind", sum(None));
         for _ in 0..48 {
             b.push(Bytes::from(vec![1u8; MIB])).unwrap();
@@ -312,6 +358,32 @@ mod tests {
             None => b.finish().err().expect("the sink failed"),
         };
         assert_eq!(e.to_string(), "full");
+    }
+
+    #[test]
+    fn past_the_most_threads_a_large_stream_stays_inline() {
+        // Every seat taken: the next large stream is hashed or written inline, and still right.
+        let _turn = seats();
+        let mib = Bytes::from(vec![7u8; MIB]);
+        let mut held = Vec::new();
+        while Seat::take().map(|s| held.push(s)).is_some() {}
+        let mut b = Behind::new("test-behind", sum(None));
+        for _ in 0..8 {
+            b.push(mib.clone()).unwrap();
+        }
+        assert!(matches!(b.state, State::Inline(_)), "no seat: inline");
+        drop(held);
+        assert_eq!(b.finish().unwrap().total, 8 * MIB as u64);
+        // Seats given back: the next one goes behind.
+        let mut b = Behind::new("test-behind", sum(None));
+        for _ in 0..8 {
+            b.push(mib.clone()).unwrap();
+        }
+        assert!(
+            matches!(b.state, State::Thread { .. }),
+            "a seat: on a thread"
+        );
+        b.finish().unwrap();
     }
 
     #[test]
