@@ -108,6 +108,44 @@ async fn expect_full(r: reqwest::Response, what: &str) {
     );
 }
 
+/// A blob pushed in one POST with its digest (`repo` under the server's `full/`).
+async fn push_blob(
+    http: &reqwest::Client,
+    s: &Server,
+    repo: &str,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    let digest = sha256_digest(&body);
+    http.post(s.url(&format!("/v2/full/{repo}/blobs/uploads/?digest={digest}")))
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// After a failed push of `digest`: no partial blob is visible, and the data directory holds
+/// exactly the files it held `before`.
+async fn assert_nothing_left(
+    http: &reqwest::Client,
+    s: &Server,
+    repo: &str,
+    digest: &str,
+    root: &Path,
+    before: &[String],
+) {
+    let r = http
+        .head(s.url(&format!("/v2/full/{repo}/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "no partial blob is visible");
+    assert_eq!(
+        data_files(root),
+        before,
+        "files left behind by the failed push"
+    );
+}
+
 async fn push_manifest(http: &reqwest::Client, s: &Server, tag: &str, body: &str) -> u16 {
     http.put(s.url(&format!("/v2/full/app/manifests/{tag}")))
         .header("content-type", "application/vnd.oci.image.manifest.v1+json")
@@ -134,14 +172,8 @@ async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
     let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
     let layer = pseudo_random(MIB, 1);
     let (cd, ld) = (sha256_digest(&config), sha256_digest(&layer));
-    for (d, b) in [(&cd, &config), (&ld, &layer)] {
-        let r = http
-            .post(s.url(&format!("/v2/full/app/blobs/uploads/?digest={d}")))
-            .body(b.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+    for b in [&config, &layer] {
+        assert_eq!(push_blob(&http, &s, "app", b.clone()).await.status(), 201);
     }
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
@@ -156,12 +188,7 @@ async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
     fill(&filler, 4 * MIB as u64);
     let big = pseudo_random(16 * MIB, 2);
     let bd = sha256_digest(&big);
-    let r = http
-        .post(s.url(&format!("/v2/full/app/blobs/uploads/?digest={bd}")))
-        .body(big.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = push_blob(&http, &s, "app", big.clone()).await;
     expect_full(r, "a monolithic push into a full disk").await;
     let r = http
         .post(s.url("/v2/full/app/blobs/uploads/"))
@@ -178,18 +205,8 @@ async fn a_full_disk_fails_pushes_cleanly_and_keeps_serving_pulls() {
         .await
         .unwrap();
     expect_full(r, "a PATCH into a full disk").await;
-    let r = http
-        .head(s.url(&format!("/v2/full/app/blobs/{bd}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404, "no partial blob is visible");
     // Nothing left behind but the session's record (the session stays open, at offset 0).
-    assert_eq!(
-        data_files(&root),
-        before,
-        "files left behind by the failed pushes"
-    );
+    assert_nothing_left(&http, &s, "app", &bd, &root, &before).await;
     let r = http.get(&loc).send().await.unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(
@@ -294,34 +311,14 @@ async fn a_full_disk_under_the_writer_thread_fails_a_large_push_cleanly() {
     // which meets the full disk.
     let big = pseudo_random(64 * MIB, 3);
     let bd = sha256_digest(&big);
-    let r = http
-        .post(s.url(&format!("/v2/full/big/blobs/uploads/?digest={bd}")))
-        .body(big)
-        .send()
-        .await
-        .unwrap();
+    let r = push_blob(&http, &s, "big", big).await;
     expect_full(r, "a 64 MiB push into 48 MiB").await;
-    let r = http
-        .head(s.url(&format!("/v2/full/big/blobs/{bd}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404, "no partial blob is visible");
-    assert_eq!(
-        data_files(&root),
-        before,
-        "files left behind by the failed push"
-    );
+    assert_nothing_left(&http, &s, "big", &bd, &root, &before).await;
 
-    // The space came back with the temporary file: a 40 MiB push (also past 32) fits.
+    // The space came back with the temporary file: a 40 MiB push (also past 4) fits.
     let fits = pseudo_random(40 * MIB, 4);
     let fd = sha256_digest(&fits);
-    let r = http
-        .post(s.url(&format!("/v2/full/big/blobs/uploads/?digest={fd}")))
-        .body(fits.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = push_blob(&http, &s, "big", fits.clone()).await;
     assert_eq!(
         r.status(),
         201,

@@ -198,19 +198,6 @@ async fn get(
     (s, ct, d, r.bytes().await.unwrap().to_vec())
 }
 
-/// How many requests the upstream answered with `method` on `path` (its query aside), and
-/// `status` if given.
-fn upstream_count(up: &TestRegistry, method: &str, path: &str, status: Option<u16>) -> usize {
-    up.requests()
-        .iter()
-        .filter(|r| {
-            r.method == method
-                && r.path.split('?').next() == Some(path)
-                && status.is_none_or(|s| r.status == s)
-        })
-        .count()
-}
-
 /// Pulls the whole image `repo:tag` through the mirror and checks it byte for byte against
 /// the upstream (same bytes, Content-Type and digest for every manifest).
 async fn pull_and_compare(
@@ -397,7 +384,7 @@ prefix = "anon/"
 
     // Tokens live in the key-value store, not in memory: a restarted mirror on the same data
     // asks the token service nothing for a scope it has a token for.
-    let tokens_before = upstream_count(&up, "GET", "/token", None);
+    let tokens_before = common::served(&up, "GET", "/token", None);
     assert!(tokens_before >= 1, "the Bearer flow was used");
     assert!(
         std::fs::read_dir(mirror_data.path().join("kv/mirror-tokens"))
@@ -413,7 +400,7 @@ prefix = "anon/"
     assert_eq!(s, StatusCode::OK);
     assert_eq!(sha256_digest(&b), extra);
     assert_eq!(
-        upstream_count(&up, "GET", "/token", None),
+        common::served(&up, "GET", "/token", None),
         tokens_before,
         "the stored token was reused"
     );
@@ -470,12 +457,12 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let (second, _) = seeder.image("library/alpine", "latest", 2).await;
     assert_ne!(first, second);
     // Within the TTL: the cached one, without asking upstream.
-    let heads = upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None);
+    let heads = common::served(&up, "HEAD", "/v2/library/alpine/manifests/latest", None);
     let (_, _, d, _) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
     if started.elapsed() < Duration::from_secs(3) {
         assert_eq!(d, d1);
         assert_eq!(
-            upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None),
+            common::served(&up, "HEAD", "/v2/library/alpine/manifests/latest", None),
             heads
         );
     }
@@ -483,7 +470,7 @@ async fn tag_moved_upstream_is_seen_after_the_ttl() {
     let (s, _, d2, b) = get(&http, &mb, "/v2/library/alpine/manifests/latest", &[]).await;
     assert_eq!((s, &b), (StatusCode::OK, &second));
     assert_eq!(d2, sha256_digest(&second));
-    assert!(upstream_count(&up, "HEAD", "/v2/library/alpine/manifests/latest", None) > heads);
+    assert!(common::served(&up, "HEAD", "/v2/library/alpine/manifests/latest", None) > heads);
     let (s, _, d4, _) = get(&http, &mb, "/v2/hub/alpine/manifests/latest", &[]).await;
     assert_eq!((s, d4), (StatusCode::OK, d2.clone()));
     // containerd's form: the upstream's own name and ?ns=<its host>.
@@ -603,7 +590,7 @@ async fn ten_concurrent_pulls_of_one_large_layer_fetch_it_once() {
         assert_eq!(t.await.unwrap(), mib * 1024 * 1024);
     }
     assert_eq!(
-        upstream_count(&up, "GET", &format!("/v2/library/big/blobs/{d}"), Some(200)),
+        common::served(&up, "GET", &format!("/v2/library/big/blobs/{d}"), Some(200)),
         1,
         "one upstream fetch for ten clients"
     );
@@ -784,7 +771,7 @@ async fn tags_and_referrers_come_from_the_upstream_then_from_the_cache() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(error_code(&body), "NAME_UNKNOWN");
-    let tag_lists = upstream_count(&up, "GET", "/v2/team/app/tags/list", None);
+    let tag_lists = common::served(&up, "GET", "/v2/team/app/tags/list", None);
     assert!(
         tag_lists >= 3,
         "tags lists were asked upstream: {tag_lists}"
