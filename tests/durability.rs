@@ -1,6 +1,7 @@
 //! Crash durability of the directory host, checked on the system calls the server makes:
 //! `strace -f -ff` attaches to every thread of a running server while a client pushes an image
-//! (a monolithic blob, a chunked blob, a manifest by tag into a new repository), then the
+//! (a monolithic blob, a chunked blob, a 12 MiB blob, a manifest by tag into a new
+//! repository), then the
 //! trace of every thread is read. Needs strace: `cargo test --features syscalls --test
 //! durability` (`.ci/run` installs it).
 //!
@@ -101,7 +102,7 @@ async fn every_published_name_is_synced_into_its_directory() {
     // that does the file I/O); requests start once strace says it is attached.
     let mut strace = std::process::Command::new("strace")
         .args(["-f", "-ff", "-s", "4096", "-e"])
-        .arg("trace=openat,fsync,rename,renameat,renameat2,mkdir,mkdirat")
+        .arg("trace=openat,fsync,rename,renameat,renameat2,mkdir,mkdirat,sync_file_range")
         .arg("-o")
         .arg(&prefix)
         .arg("-p")
@@ -156,6 +157,18 @@ async fn every_published_name_is_synced_into_its_directory() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    // A blob of 12 MiB: written behind on a thread of its own past 4 MiB, its writeback
+    // started every 4 MiB as it arrives (`hosts/fs_write.rs`), so the fsync before its rename
+    // only waits for the tail.
+    let big = pseudo_random(12 << 20, 8);
+    let bd = sha256_digest(&big);
+    let r = http
+        .post(s.url(&format!("/v2/durable/app/blobs/uploads/?digest={bd}")))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
         config.len(),
@@ -179,8 +192,17 @@ async fn every_published_name_is_synced_into_its_directory() {
     // directory that holds the new name.
     let tmp = data.join("tmp");
     let (mut renames, mut mkdirs, mut missing) = (0, 0, Vec::new());
+    let mut writebacks = 0;
     for entry in std::fs::read_dir(traces.path()).unwrap() {
         let trace = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        writebacks += trace
+            .lines()
+            .filter(|l| {
+                l.starts_with("sync_file_range(")
+                    && l.contains("SYNC_FILE_RANGE_WRITE")
+                    && result(l) == Some(0)
+            })
+            .count();
         let calls = parse(&trace);
         for (i, c) in calls.iter().enumerate() {
             let (path, what) = match c {
@@ -208,6 +230,12 @@ async fn every_published_name_is_synced_into_its_directory() {
     // repository's): the check above ran on real cases.
     assert!(renames >= 5, "only {renames} renames traced");
     assert!(mkdirs >= 1, "no directory made");
+    // 12 MiB in steps of 4 MiB: the first two steps are handed over while the blob arrives,
+    // the tail is left to the fsync.
+    assert!(
+        writebacks >= 2,
+        "writeback of the 12 MiB blob started {writebacks} times while it arrived"
+    );
     assert!(
         missing.is_empty(),
         "not followed by an fsync of their directory:\n{}",
