@@ -277,11 +277,19 @@ fn run<S: Sink>(mut sink: S, rx: Receiver<Vec<Bytes>>) -> io::Result<S> {
 mod tests {
     use super::*;
 
-    /// Sums the bytes it sees, and fails at a given length.
+    /// Sums the bytes it sees, and fails at a given length; says when it is dropped.
     struct Sum {
         total: u64,
         fail_at: Option<u64>,
         batches: u32,
+        dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Drop for Sum {
+        fn drop(&mut self) {
+            self.dropped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     impl Sink for Sum {
@@ -302,6 +310,7 @@ mod tests {
             total: 0,
             fail_at,
             batches: 0,
+            dropped: Default::default(),
         }
     }
 
@@ -388,10 +397,16 @@ mod tests {
 
     #[test]
     fn dropping_a_stage_on_a_thread_ends_the_thread() {
-        let mut b = Behind::new("test-behind", sum(None));
+        let _turn = seats();
+        let sink = sum(None);
+        let dropped = sink.dropped.clone();
+        let mut b = Behind::new("test-behind", sink);
         for _ in 0..8 {
             b.push(Bytes::from(vec![0u8; MIB])).unwrap();
         }
-        drop(b); // returns: the thread saw its queue end
+        assert!(matches!(b.state, State::Thread { .. }));
+        drop(b);
+        // The thread saw its queue end and returned the sink, and the drop waited for it.
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

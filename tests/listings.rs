@@ -75,6 +75,22 @@ async fn untag(on: &Server, tag: &str) {
     assert_eq!(resp.status(), 202, "delete {tag}: {resp:?}");
 }
 
+/// Tags `manifest` in `REPO` on `on` as `{prefix}000`, `{prefix}001`, ... (`n` tags); their names.
+async fn tag_many(on: &Server, prefix: &str, n: usize, manifest: &[u8]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for i in 0..n {
+        let t = format!("{prefix}{i:03}");
+        tag(on, REPO, &t, manifest).await;
+        names.insert(t);
+    }
+    names
+}
+
+/// A set of names as a listing returns them: in order.
+fn sorted(names: &BTreeSet<String>) -> Vec<String> {
+    names.iter().cloned().collect()
+}
+
 /// One page: its names (under `field`) and the next page's path from `Link`, if any.
 async fn page(on: &Server, path: &str, field: &str) -> (Vec<String>, Option<String>) {
     let resp = client().get(on.url(path)).send().await.unwrap();
@@ -111,14 +127,8 @@ async fn a_cached_tags_list_sees_another_process_changes_at_once() {
     let data = tempfile::tempdir().unwrap();
     let (a, b) = (start(data.path()), start(data.path()));
     let manifest = image(&b, REPO).await;
-    let mut truth = BTreeSet::new();
-    for i in 0..2 * CACHE_MIN {
-        let t = format!("t{i:03}");
-        tag(&b, REPO, &t, &manifest).await;
-        truth.insert(t);
-    }
-    let truth_vec = |t: &BTreeSet<String>| t.iter().cloned().collect::<Vec<_>>();
-    assert_eq!(tags(&a).await, truth_vec(&truth));
+    let mut truth = tag_many(&b, "t", 2 * CACHE_MIN, &manifest).await;
+    assert_eq!(tags(&a).await, sorted(&truth));
     // A cached the directory: it made the journal that B now appends to.
     let dir = tags_dir(data.path());
     assert!(journal(&dir).exists(), "A's listing made no journal");
@@ -128,20 +138,20 @@ async fn a_cached_tags_list_sees_another_process_changes_at_once() {
         let new = format!("n{i:03}");
         tag(&b, REPO, &new, &manifest).await;
         truth.insert(new.clone());
-        assert_eq!(tags(&a).await, truth_vec(&truth), "after B tagged {new}");
+        assert_eq!(tags(&a).await, sorted(&truth), "after B tagged {new}");
         // Removed by B: gone from A's next list.
         let old = format!("t{:03}", i % (2 * CACHE_MIN));
         untag(&b, &old).await;
         truth.remove(&old);
-        assert_eq!(tags(&a).await, truth_vec(&truth), "after B deleted {old}");
+        assert_eq!(tags(&a).await, sorted(&truth), "after B deleted {old}");
         // Made again at once: back.
         tag(&b, REPO, &old, &manifest).await;
         truth.insert(old.clone());
-        assert_eq!(tags(&a).await, truth_vec(&truth), "after B re-tagged {old}");
+        assert_eq!(tags(&a).await, sorted(&truth), "after B re-tagged {old}");
         // A's own changes, seen by B (B's cache, made by B's first listing here).
         untag(&a, &new).await;
         truth.remove(&new);
-        assert_eq!(tags(&b).await, truth_vec(&truth), "after A deleted {new}");
+        assert_eq!(tags(&b).await, sorted(&truth), "after A deleted {new}");
     }
     // Paged: a page from the middle after a change.
     tag(&b, REPO, "t005a", &manifest).await;
@@ -211,14 +221,8 @@ async fn the_journal_rotates_and_survives_torn_records() {
     let data = tempfile::tempdir().unwrap();
     let (a, b) = (start(data.path()), start(data.path()));
     let manifest = image(&b, REPO).await;
-    let mut truth = BTreeSet::new();
-    for i in 0..CACHE_MIN {
-        let t = format!("r{i:03}");
-        tag(&b, REPO, &t, &manifest).await;
-        truth.insert(t);
-    }
-    let truth_vec = |t: &BTreeSet<String>| t.iter().cloned().collect::<Vec<_>>();
-    assert_eq!(tags(&a).await, truth_vec(&truth));
+    let mut truth = tag_many(&b, "r", CACHE_MIN, &manifest).await;
+    assert_eq!(tags(&a).await, sorted(&truth));
     let dir = tags_dir(data.path());
     let j = journal(&dir);
     assert!(j.exists());
@@ -229,10 +233,10 @@ async fn the_journal_rotates_and_survives_torn_records() {
         let mut f = std::fs::OpenOptions::new().append(true).open(&j).unwrap();
         f.write_all(b"\n+r00").unwrap();
     }
-    assert_eq!(tags(&a).await, truth_vec(&truth), "a torn tail is not read");
+    assert_eq!(tags(&a).await, sorted(&truth), "a torn tail is not read");
     tag(&b, REPO, "r100", &manifest).await;
     truth.insert("r100".into());
-    assert_eq!(tags(&a).await, truth_vec(&truth), "after the torn record");
+    assert_eq!(tags(&a).await, sorted(&truth), "after the torn record");
 
     // Filled to the rotation size with records of entries that do not exist (as a busy
     // directory's history would be)...
@@ -246,12 +250,12 @@ async fn the_journal_rotates_and_survives_torn_records() {
         f.write_all(&fill).unwrap();
     }
     // ... A catches up by reading the directory afresh (too much to look at one by one) ...
-    assert_eq!(tags(&a).await, truth_vec(&truth));
+    assert_eq!(tags(&a).await, sorted(&truth));
     // ... and B's next append takes it past the size: B removes it.
     tag(&b, REPO, "r101", &manifest).await;
     truth.insert("r101".into());
     assert!(!j.exists(), "the journal was not rotated");
-    assert_eq!(tags(&a).await, truth_vec(&truth), "after the rotation");
+    assert_eq!(tags(&a).await, sorted(&truth), "after the rotation");
     assert!(j.exists(), "A started a new journal");
     assert!(std::fs::metadata(&j).unwrap().len() < 1024);
     // The new journal is followed.
@@ -259,20 +263,16 @@ async fn the_journal_rotates_and_survives_torn_records() {
     truth.remove("r000");
     tag(&b, REPO, "r102", &manifest).await;
     truth.insert("r102".into());
-    assert_eq!(tags(&a).await, truth_vec(&truth), "on the new journal");
+    assert_eq!(tags(&a).await, sorted(&truth), "on the new journal");
 
     // Removed by hand (or lost to a full disk: a writer that cannot append removes it).
     std::fs::remove_file(&j).unwrap();
     untag(&b, "r001").await;
     truth.remove("r001");
-    assert_eq!(tags(&a).await, truth_vec(&truth), "with the journal gone");
+    assert_eq!(tags(&a).await, sorted(&truth), "with the journal gone");
     tag(&b, REPO, "r103", &manifest).await;
     truth.insert("r103".into());
-    assert_eq!(
-        tags(&a).await,
-        truth_vec(&truth),
-        "on the journal made again"
-    );
+    assert_eq!(tags(&a).await, sorted(&truth), "on the journal made again");
     a.stop();
     b.stop();
 }
@@ -291,15 +291,9 @@ async fn a_change_without_its_record_is_seen_within_the_maximum_age() {
         .env("DOCKSIDE_LISTING_CACHE_MAX_AGE", MAX_AGE_SECS.to_string())
         .start();
     let manifest = image(&a, REPO).await;
-    let mut truth = BTreeSet::new();
-    for i in 0..CACHE_MIN {
-        let t = format!("k{i:03}");
-        tag(&a, REPO, &t, &manifest).await;
-        truth.insert(t);
-    }
-    let truth_vec = |t: &BTreeSet<String>| t.iter().cloned().collect::<Vec<_>>();
+    let mut truth = tag_many(&a, "k", CACHE_MIN, &manifest).await;
     let built = std::time::Instant::now();
-    assert_eq!(tags(&a).await, truth_vec(&truth), "cached from here");
+    assert_eq!(tags(&a).await, sorted(&truth), "cached from here");
     let dir = tags_dir(data.path());
     assert!(journal(&dir).exists(), "the directory is cached");
 
@@ -314,7 +308,7 @@ async fn a_change_without_its_record_is_seen_within_the_maximum_age() {
         // The cache is what makes a page O(page + log n); this is the inexactness it costs.
         assert_eq!(
             stale,
-            truth_vec(&truth),
+            sorted(&truth),
             "within the age, the cache is trusted"
         );
     }
@@ -327,7 +321,7 @@ async fn a_change_without_its_record_is_seen_within_the_maximum_age() {
     .await;
     assert_eq!(
         tags(&a).await,
-        truth_vec(&truth),
+        sorted(&truth),
         "read afresh after the maximum age"
     );
     let r = client()
@@ -360,17 +354,12 @@ async fn a_cached_catalog_sees_another_process_repositories() {
         push_blob(&b, &repo, b"x").await;
         truth.insert(repo);
     }
-    let truth_vec = |t: &BTreeSet<String>| t.iter().cloned().collect::<Vec<_>>();
-    assert_eq!(catalog(&a).await, truth_vec(&truth));
+    assert_eq!(catalog(&a).await, sorted(&truth));
     assert!(journal(&data.path().join("kv/catalog")).exists());
     for repo in ["c03a", "nested/one", "nested/two", "c99"] {
         push_blob(&b, repo, b"x").await;
         truth.insert(repo.to_owned());
-        assert_eq!(
-            catalog(&a).await,
-            truth_vec(&truth),
-            "after B created {repo}"
-        );
+        assert_eq!(catalog(&a).await, sorted(&truth), "after B created {repo}");
     }
     let (p, _) = page(&a, "/v2/_catalog?n=2&last=c99", "repositories").await;
     assert_eq!(p, ["nested/one", "nested/two"]);
