@@ -117,7 +117,11 @@ fn error(target: &str, code: ErrorCode) -> StoreError {
         | ErrorCode::ConnectionWriteTimeout
         | ErrorCode::ConnectionLimitReached
         | ErrorCode::HttpResponseIncomplete
-        | ErrorCode::HttpResponseTimeout => StoreError::unavailable(msg),
+        | ErrorCode::HttpResponseTimeout
+        // What wasmtime's outgoing handler (Spin's too) reports for any hyper client error
+        // it has no closer code for, e.g. a pooled keep-alive connection the server closed
+        // as the request went out: seen in CI as a DELETE to Garage failing once. Worth a retry.
+        | ErrorCode::HttpProtocolError => StoreError::unavailable(msg),
         _ => StoreError::new(msg),
     }
 }
