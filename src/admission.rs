@@ -71,7 +71,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     }
 
     /// The spans of `raw` still counting at `now`.
-    fn live_spans(&self, raw: Option<&[u8]>, now: u64) -> Vec<(u64, u64)> {
+    pub(crate) fn live_spans(&self, raw: Option<&[u8]>, now: u64) -> Vec<(u64, u64)> {
         let (horizon, span) = self.horizon();
         let spans: Spans = raw
             .and_then(|r| serde_json::from_slice(r).ok())

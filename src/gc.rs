@@ -2,7 +2,9 @@
 //! while pushes go on. Runs on the host traits only, so on every host.
 //!
 //! A run has phases, each resumable from a cursor kept in the key-value store (`gc/state`):
-//! 1. `uploads`: stale upload sessions are cancelled (`Registry::purge_stale_uploads`).
+//! 1. `uploads`: stale upload sessions are cancelled (`Registry::purge_stale_uploads`), and
+//!    lapsed bookkeeping records (upstream tokens, crashed fetchers' leases, upload counts)
+//!    deleted (`records`).
 //! 2. `repositories`, one repository at a time, in catalog order: retention rules remove tags;
 //!    manifests no tag, index or young age keeps alive go (only with `untagged`), and so do
 //!    referrers whose subject is gone; blob links no surviving manifest references go; an
@@ -39,6 +41,7 @@ use crate::names::RepoName;
 use crate::registry::Registry;
 
 mod paged;
+mod records;
 
 pub use paged::{RepoProgress, Stage};
 
@@ -113,6 +116,8 @@ pub struct GcStats {
     pub blobs: u64,
     pub bytes: u64,
     pub repositories: u64,
+    /// Lapsed bookkeeping records ([`records`]).
+    pub records: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +448,14 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                     } else {
                         sweep.stats.uploads += self.purge_stale_uploads(expiry).await? as u64;
                     }
+                }
+                if sweep.dry {
+                    for key in self.lapsed_records(sweep.now).await? {
+                        sweep.stats.records += 1;
+                        sweep.items.push(format!("record {key}"));
+                    }
+                } else {
+                    sweep.stats.records += self.purge_lapsed_records().await? as u64;
                 }
                 Ok((Phase::Repositories, None))
             }
@@ -995,6 +1008,7 @@ fn add(total: &mut GcStats, s: &GcStats) {
     total.blobs += s.blobs;
     total.bytes += s.bytes;
     total.repositories += s.repositories;
+    total.records += s.records;
 }
 
 /// 503 with `Retry-After`: the collector is deleting this blob (or manifest record) right now;

@@ -50,6 +50,7 @@
 //! ├── mirror-tokens/<sha256(upstream url, user, scope)>       upstream Bearer token {"token","expires"}
 //! └── mirror-leases/<alg>/<hex>                               who fetches a blob from upstream now:
 //!                                                              {"owner","expires"}
+//!   (lapsed tokens, leases and upload counts: removed by the collector, crate::gc::records)
 //!
 //! blob store
 //! ├── blobs/<alg>/<hex[0..2]>/<hex>                           content, stored once, shared by every
@@ -189,6 +190,11 @@ pub fn upload_count_total() -> &'static str {
 /// The count of open upload sessions of repository `name`.
 pub fn upload_count(name: &RepoName) -> String {
     format!("upload-counts/{name}")
+}
+
+/// Every upload-count record lives under this prefix (for the collector).
+pub fn upload_counts_prefix() -> &'static str {
+    "upload-counts/"
 }
 
 /// Every record of the failed-login throttle lives under this prefix (for the purge).
@@ -369,16 +375,27 @@ pub fn mirror_token(upstream_url: &str, user: &str, scope: &str) -> String {
         crate::digest::Algorithm::Sha256,
         format!("{upstream_url}\n{user}\n{scope}").as_bytes(),
     );
-    format!("mirror-tokens/{}", d.hex())
+    format!("{}{}", mirror_tokens_prefix(), d.hex())
+}
+
+/// Every cached upstream token lives under this prefix (for the collector).
+pub fn mirror_tokens_prefix() -> &'static str {
+    "mirror-tokens/"
 }
 
 /// The lease of whoever fetches blob `digest` from an upstream.
 pub fn mirror_lease(digest: &Digest) -> String {
     format!(
-        "mirror-leases/{}/{}",
+        "{}{}/{}",
+        mirror_leases_prefix(),
         digest.algorithm().as_str(),
         digest.hex()
     )
+}
+
+/// Every mirror lease lives under this prefix (for the collector).
+pub fn mirror_leases_prefix() -> &'static str {
+    "mirror-leases/"
 }
 
 /// Where a blob fetched from an upstream is written before its digest is checked.

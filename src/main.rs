@@ -812,7 +812,8 @@ async fn collect_garbage(registry: Arc<ServedRegistry>, every_secs: u64) {
 }
 
 /// Purges stale upload sessions now and then (unless `expiry_secs` is 0): every quarter of the
-/// expiry, at most hourly; with them, failed-login counts whose window has passed.
+/// expiry, at most hourly; with them, failed-login counts whose window has passed and lapsed
+/// bookkeeping records (`gc::records`).
 async fn purge_uploads(registry: Arc<ServedRegistry>, expiry_secs: u64) {
     let every = match expiry_secs {
         0 => Duration::from_secs(3600),
@@ -829,6 +830,13 @@ async fn purge_uploads(registry: Arc<ServedRegistry>, expiry_secs: u64) {
         }
         if let Err(e) = registry.purge_login_failures().await {
             tracing::warn!("purging failed-login counts failed: {e}");
+        }
+        match registry.purge_lapsed_records().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "removed {n} lapsed records (upstream tokens, leases, upload counts)"
+            ),
+            Err(e) => tracing::warn!("purging lapsed records failed: {e}"),
         }
         tokio::time::sleep(every).await;
     }

@@ -49,6 +49,7 @@ struct H {
 
 struct Resp {
     status: StatusCode,
+    location: Option<String>,
     body: Bytes,
 }
 
@@ -150,8 +151,16 @@ impl H {
         with_registry!(self, |r| {
             let resp = r.handle(req).await;
             let status = resp.status();
+            let location = resp
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_owned());
             let body = resp.into_body().collect().await.unwrap().to_bytes();
-            Resp { status, body }
+            Resp {
+                status,
+                location,
+                body,
+            }
         })
     }
 
@@ -267,6 +276,23 @@ impl H {
         })
     }
 
+    /// The keys under `prefix` in the host's key-value store.
+    async fn keys(&self, prefix: &str) -> Vec<String> {
+        let keys = match &self.stores {
+            Stores::Memory(kv, _) | Stores::KvOnly(kv) => kv.list(prefix, None, usize::MAX).await,
+            Stores::KvIndexed(kv) => IndexedKv(kv.clone()).list(prefix, None, usize::MAX).await,
+            Stores::Dir(d) => {
+                FsKv::new(d.path().join("kv"))
+                    .unwrap()
+                    .list(prefix, None, usize::MAX)
+                    .await
+            }
+            #[cfg(feature = "backends")]
+            Stores::S3Redis(kv, _) => kv.list(prefix, None, usize::MAX).await,
+        };
+        keys.unwrap()
+    }
+
     /// Chunk keys of the key-value blob store (every chunk of a deleted blob must go too).
     async fn kv_chunks(&self) -> Option<usize> {
         match &self.stores {
@@ -303,6 +329,32 @@ async fn push_delete_collect(h: H) {
         .await
         .expect(202);
 
+    // Upload sessions are counted per repository (the caps are on by default): one closed in
+    // solo leaves a count with nothing in it, one left open in team/b a live count.
+    let r = h
+        .send(Method::POST, "/v2/solo/blobs/uploads/", None, b"")
+        .await;
+    r.expect(202);
+    let d = sha256(b"in a session");
+    h.send(
+        Method::PUT,
+        &format!("{}?digest={d}", r.location.unwrap()),
+        None,
+        b"in a session",
+    )
+    .await
+    .expect(201);
+    h.send(Method::POST, "/v2/team/b/blobs/uploads/", None, b"")
+        .await
+        .expect(202);
+    let counts = |names: &[&str]| -> Vec<String> {
+        names.iter().map(|n| format!("upload-counts/{n}")).collect()
+    };
+    assert_eq!(
+        h.keys("upload-counts/").await,
+        counts(&["_total", "solo", "team/b"])
+    );
+
     // Dry run: lists, removes nothing.
     let dry = h
         .send(Method::POST, "/v2/_dockside/gc?dry-run=1", None, b"")
@@ -323,14 +375,32 @@ async fn push_delete_collect(h: H) {
         "{items:?}"
     );
     assert!(items.contains(&"repository solo"), "{items:?}");
+    // The count with no session open has lapsed; the others stay.
+    assert!(items.contains(&"record upload-counts/solo"), "{items:?}");
+    assert!(
+        !items
+            .iter()
+            .any(|i| i.ends_with("team/b") || i.ends_with("_total")),
+        "{items:?}"
+    );
+    assert_eq!(
+        h.keys("upload-counts/").await.len(),
+        3,
+        "a dry run deleted a record"
+    );
     assert!(h.stored(&only_a_d).await, "a dry run deleted content");
 
     let stats = h.collect().await;
-    // team/a: its config and own layer; solo: config and layer; the stray blob. Not the
-    // shared layer, which team/b still uses.
-    assert_eq!(stats["blobs"], 5, "{stats}");
+    // team/a: its config and own layer; solo: config, layer and the blob of its session; the
+    // stray blob. Not the shared layer, which team/b still uses.
+    assert_eq!(stats["blobs"], 6, "{stats}");
     // solo, and team/a: its only manifest went, so its links went too.
     assert_eq!(stats["repositories"], 2, "{stats}");
+    assert_eq!(stats["records"], 1, "{stats}");
+    assert_eq!(
+        h.keys("upload-counts/").await,
+        counts(&["_total", "team/b"])
+    );
     assert_eq!(
         stats["bytes"], dry["stats"]["bytes"],
         "{stats} vs dry {dry}"
@@ -352,6 +422,7 @@ async fn push_delete_collect(h: H) {
     // A second run finds nothing more.
     let again = h.collect().await;
     assert_eq!(again["blobs"], 0, "{again}");
+    assert_eq!(again["records"], 0, "{again}");
     // And pushes keep working on content the collector removed.
     h.push_image("team/a", "v2", &[&only_a]).await;
     h.pull("team/a", "v2").await;
@@ -525,7 +596,11 @@ actions = ["pull", "push", "delete"]
                 let resp = r.handle(req).await;
                 let status = resp.status();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
-                Resp { status, body }
+                Resp {
+                    status,
+                    location: None,
+                    body,
+                }
             })
         }
     };
@@ -716,6 +791,7 @@ async fn crash_collector_at_random_points() {
     let again = gc().output().unwrap();
     let again: Value = serde_json::from_slice(again.stdout.trim_ascii_end()).unwrap();
     assert_eq!(again["blobs"], 0, "{again}");
+    assert_eq!(again["records"], 0, "{again}");
     assert_eq!(again["links"], 0, "{again}");
     eprintln!("{killed_mid_run} of 10 runs killed mid-way; the last run: {stats}");
 }

@@ -335,3 +335,125 @@ async fn an_emptied_mirrored_repository_takes_its_mirror_records() {
         mirror.stop();
     }
 }
+
+/// What a mirror keeps only for a while: the upstream's tokens (until they expire) and a
+/// fetch's lease (released when the fetch ends; a crashed fetcher leaves it behind). A
+/// collection removes the lapsed ones, keeps a live lease, and the mirror goes on: it fetches
+/// a new token when it next needs one.
+#[tokio::test(flavor = "multi_thread")]
+async fn lapsed_tokens_and_leases_are_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = client();
+    // Seeded open, then restarted on the same data with tokens that live one second.
+    let up_dir = tmp.path().join("upstream");
+    let up = TestRegistry::builder().dir(&up_dir).start();
+    let v1 = seed(&http, up.url(), "public/app", "v1", 5).await;
+    let v2 = seed(&http, up.url(), "public/app", "v2", 6).await;
+    drop(up);
+    let auth = dockside::AuthConfig::from_toml(&format!(
+        r#"
+[auth]
+service = "upstream"
+secret = "gc-mirror-test-secret-0123456789abcdef"
+token_ttl = 1
+
+[[auth.users]]
+name = "puller"
+password_hash = "{}"
+
+[[auth.rules]]
+repositories = ["public/*"]
+users = ["puller"]
+actions = ["pull"]
+"#,
+        bcrypt::hash("puller-pw", 4).unwrap()
+    ))
+    .unwrap()
+    .map(std::sync::Arc::new);
+    let up = TestRegistry::builder()
+        .dir(&up_dir)
+        .config(dockside::Config {
+            auth,
+            ..Default::default()
+        })
+        .start();
+
+    let data = tmp.path().join("mirror");
+    std::fs::create_dir_all(&data).unwrap();
+    let conf = tmp.path().join("mirror.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[upstream]]\nurl = \"{}\"\nusername = \"puller\"\npassword = \"puller-pw\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let start_mirror = || {
+        Server::builder()
+            .arg("--mirror-config")
+            .arg(&conf)
+            .data_dir(&data)
+            .start()
+    };
+    let mirror = start_mirror();
+    pull(&http, &mirror.base_url(), "public/app", "v1", &v1).await;
+    mirror.stop();
+    let tokens_fetched = common::served(&up, "GET", "/token", Some(200));
+    assert!(tokens_fetched >= 1, "the mirror used the Bearer flow");
+
+    let kv = FsKv::new(data.join("kv")).unwrap();
+    let tokens = kv.list("mirror-tokens/", None, usize::MAX).await.unwrap();
+    assert!(!tokens.is_empty(), "the upstream's token is cached");
+    // What a fetcher that crashed two minutes ago leaves, and one fetching now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let crashed = format!("mirror-leases/sha256/{}", "a".repeat(64));
+    let live = format!("mirror-leases/sha256/{}", "b".repeat(64));
+    let lease = |owner: &str, expires: u64| {
+        serde_json::to_vec(&json!({"owner": owner, "expires": expires})).unwrap()
+    };
+    kv.set(&crashed, &lease("crashed", now - 120))
+        .await
+        .unwrap();
+    kv.set(&live, &lease("fetching", now + 600)).await.unwrap();
+
+    // The tokens expire one second after they were issued.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
+        .arg("gc")
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .expect("the counts as JSON"),
+    )
+    .unwrap();
+    assert_eq!(stats["records"], tokens.len() + 1, "{stats}");
+    let kv = FsKv::new(data.join("kv")).unwrap();
+    assert_eq!(
+        kv.list("mirror-tokens/", None, usize::MAX).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        kv.list("mirror-leases/", None, usize::MAX).await.unwrap(),
+        vec![live]
+    );
+
+    // The mirror, restarted, asks the upstream for a new token when it needs one.
+    let mirror = start_mirror();
+    pull(&http, &mirror.base_url(), "public/app", "v2", &v2).await;
+    mirror.stop();
+    assert!(common::served(&up, "GET", "/token", Some(200)) > tokens_fetched);
+}

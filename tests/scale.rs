@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{Server, client, pseudo_random, sha256_digest};
+use dockside::KeyValue;
 use http::StatusCode;
 
 const MIB: usize = 1024 * 1024;
@@ -567,6 +568,20 @@ async fn stale_uploads_are_purged_on_shared_stores() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     server.wait_for_log("cancelled 1 upload sessions", Duration::from_secs(1));
+    // And the session's counts (the repository's, the registry's), empty now, go with it.
+    let kv = dockside::RedisKv::connect(&shared.redis_url, &shared.redis_prefix)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counts = kv.list("upload-counts/", None, usize::MAX).await.unwrap();
+        if counts.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "counts left: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.wait_for_log("removed 2 lapsed records", Duration::from_secs(1));
     server.stop();
 }
 
