@@ -48,6 +48,29 @@ async fn seed(http: &reqwest::Client, base: &str, repo: &str, tag: &str, seed: u
     sha256_digest(&layer)
 }
 
+/// Runs `dockside gc` on the directory `data` (with `gc_conf`, when given) and returns the
+/// counts it printed.
+fn dockside_gc(data: &std::path::Path, gc_conf: Option<&std::path::Path>) -> serde_json::Value {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"));
+    cmd.arg("gc").arg("--data").arg(data);
+    if let Some(c) = gc_conf {
+        cmd.arg("--gc-config").arg(c);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .expect("the counts as JSON"),
+    )
+    .unwrap()
+}
+
 fn record_key(digest: &str) -> String {
     format!("gc/blobs/{}", digest.replacen(':', "/", 1))
 }
@@ -111,26 +134,7 @@ async fn mirrored_blobs_are_recorded_and_collected() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let gc_conf = tmp.path().join("gc.toml");
     std::fs::write(&gc_conf, "grace_secs = 0\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
-        .arg("gc")
-        .arg("--data")
-        .arg(&data)
-        .arg("--gc-config")
-        .arg(&gc_conf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats: serde_json::Value = serde_json::from_slice(
-        out.stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| l.starts_with(b"{"))
-            .expect("the counts as JSON"),
-    )
-    .unwrap();
+    let stats = dockside_gc(&data, Some(&gc_conf));
     assert_eq!(stats["blobs"], 1, "{stats}");
 
     // The loose layer's bytes and record are gone; the cached image's layer stays.
@@ -288,19 +292,7 @@ async fn an_emptied_mirrored_repository_takes_its_mirror_records() {
             mirror.stop();
         } else {
             mirror.stop();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
-                .arg("gc")
-                .arg("--data")
-                .arg(&data)
-                .arg("--gc-config")
-                .arg(&gc_conf)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            dockside_gc(&data, Some(&gc_conf));
         }
         let left = keys_of(&data, "library/app").await;
         assert!(left.is_empty(), "paged: {paged}, left behind: {left:?}");
@@ -422,24 +414,7 @@ actions = ["pull"]
 
     // The tokens expire one second after they were issued.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dockside"))
-        .arg("gc")
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stats: serde_json::Value = serde_json::from_slice(
-        out.stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| l.starts_with(b"{"))
-            .expect("the counts as JSON"),
-    )
-    .unwrap();
+    let stats = dockside_gc(&data, None);
     assert_eq!(stats["records"], tokens.len() + 1, "{stats}");
     let kv = FsKv::new(data.join("kv")).unwrap();
     assert_eq!(
