@@ -338,6 +338,33 @@ async fn a_change_without_its_record_is_seen_within_the_maximum_age() {
     a.stop();
 }
 
+/// A journaled directory emptied by deletes goes, journal and all, as a small one does; a
+/// later write makes it again, and another process's cache follows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_journaled_directory_is_removed() {
+    let data = tempfile::tempdir().unwrap();
+    let (a, b) = (start(data.path()), start(data.path()));
+    let manifest = image(&b, REPO).await;
+    let truth = tag_many(&b, "t", 2 * CACHE_MIN, &manifest).await;
+    assert_eq!(tags(&a).await, sorted(&truth));
+    let dir = tags_dir(data.path());
+    assert!(journal(&dir).exists(), "A's listing made no journal");
+
+    for t in &truth {
+        untag(&b, t).await;
+    }
+    assert!(!dir.exists(), "the emptied tags directory stays: {:?}", {
+        std::fs::read_dir(&dir)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    });
+    assert_eq!(tags(&a).await, Vec::<String>::new());
+    tag(&b, REPO, "again", &manifest).await;
+    assert_eq!(tags(&a).await, ["again"]);
+    a.stop();
+    b.stop();
+}
+
 async fn catalog(on: &Server) -> Vec<String> {
     page(on, "/v2/_catalog", "repositories").await.0
 }

@@ -744,7 +744,7 @@ impl FsKv {
         while let Some(d) = dir
             && d != self.root
             && d.starts_with(&self.root)
-            && fs::remove_dir(d).is_ok()
+            && (fs::remove_dir(d).is_ok() || remove_if_only_journal(d))
         {
             dir = d.parent();
             if let (Some(parent), Some(name)) = (dir, d.file_name().and_then(|n| n.to_str())) {
@@ -752,6 +752,23 @@ impl FsKv {
             }
         }
     }
+}
+
+/// Removes `dir` if its journal (`fs_journal`) is all it holds, the journal first: a large
+/// directory emptied would otherwise stay for good. Looks only when the journal exists, and at
+/// the first entries only, so a delete in a large directory costs one `stat` and one short
+/// read more. A key written meanwhile keeps the directory (`remove_dir` refuses it), without
+/// a journal: readers then read it afresh and start another, as after a rotation.
+fn remove_if_only_journal(dir: &Path) -> bool {
+    let journal = dir.join(fs_journal::JOURNAL);
+    if fs::symlink_metadata(&journal).is_err() {
+        return false;
+    }
+    let Ok(mut entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    let only_journal = entries.all(|e| e.is_ok_and(|e| e.file_name() == fs_journal::JOURNAL));
+    only_journal && fs::remove_file(&journal).is_ok() && fs::remove_dir(dir).is_ok()
 }
 
 impl KeyValue for FsKv {
