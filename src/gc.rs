@@ -116,7 +116,7 @@ pub struct GcStats {
     pub blobs: u64,
     pub bytes: u64,
     pub repositories: u64,
-    /// Lapsed bookkeeping records ([`records`]).
+    /// Lapsed bookkeeping records (upload counts, upstream tokens, leases: `gc/records.rs`).
     pub records: u64,
 }
 
