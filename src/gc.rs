@@ -452,7 +452,7 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
                 if sweep.dry {
                     for key in self.lapsed_records(sweep.now).await? {
                         sweep.stats.records += 1;
-                        sweep.items.push(format!("record {key}"));
+                        sweep.note(|| format!("record {key}"));
                     }
                 } else {
                     sweep.stats.records += self.purge_lapsed_records().await? as u64;

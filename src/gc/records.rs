@@ -33,27 +33,26 @@ impl<K: KeyValue, B: BlobStore> Registry<K, B> {
     /// The bookkeeping keys that have lapsed at `now` (see the module's description).
     pub(crate) async fn lapsed_records(&self, now: u64) -> Result<Vec<String>, StoreError> {
         let mut lapsed = Vec::new();
-        for prefix in [
-            layout::mirror_leases_prefix(),
-            layout::mirror_tokens_prefix(),
-            layout::upload_counts_prefix(),
+        // How each kind lapses: at its `expires` plus a margin, or (`None`) when none of its
+        // upload-count spans is live.
+        for (prefix, margin) in [
+            (
+                layout::mirror_leases_prefix(),
+                Some(LEASE_LAPSED_AFTER_SECS),
+            ),
+            (layout::mirror_tokens_prefix(), Some(0)),
+            (layout::upload_counts_prefix(), None),
         ] {
             // One listing each (see `purge_stale_uploads`).
             for key in self.kv.list(prefix, None, usize::MAX).await? {
                 let Some(raw) = self.kv.get(&key).await? else {
                     continue;
                 };
-                let gone = if prefix == layout::upload_counts_prefix() {
-                    self.live_spans(Some(&raw), now).is_empty()
-                } else {
-                    let margin = if prefix == layout::mirror_leases_prefix() {
-                        LEASE_LAPSED_AFTER_SECS
-                    } else {
-                        0
-                    };
+                let gone = match margin {
+                    None => self.live_spans(Some(&raw), now).is_empty(),
                     // Unreadable reads as absent (a free lease, no token): nothing to keep.
-                    serde_json::from_slice::<Expiring>(&raw)
-                        .map_or(true, |e| e.expires.saturating_add(margin) <= now)
+                    Some(margin) => serde_json::from_slice::<Expiring>(&raw)
+                        .map_or(true, |e| e.expires.saturating_add(margin) <= now),
                 };
                 if gone {
                     lapsed.push(key);
